@@ -1,0 +1,23 @@
+from setuptools import setup
+
+setup(
+    name="mammoth_fast",
+    version="0.1.0",
+    description="Fused Triton kernels for the Mammoth mixture-of-mini-experts MIL layer",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    # kernels/ ships inside the package namespace: a top-level `kernels`
+    # module would clash with the PyPI package of that name.
+    packages=["mammoth_fast", "mammoth_fast.kernels"],
+    package_dir={"mammoth_fast": "mammoth_fast", "mammoth_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "einops>=0.7",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4", "mammoth-moe==0.1.2", "numpy"],
+        "bench": ["pytest-benchmark>=4", "mammoth-moe==0.1.2", "matplotlib", "numpy"],
+    },
+)

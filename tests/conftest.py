@@ -1,0 +1,58 @@
+"""Shared test setup.
+
+Without CUDA the Triton kernels run on CPU tensors under the interpreter,
+which must be switched on before triton is first imported.
+"""
+import os
+
+try:  # decide before anything imports triton
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _HAS_CUDA = False
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from mammoth_fast import Mammoth  # noqa: E402
+
+DEVICE = torch.device("cuda" if _HAS_CUDA else "cpu")
+
+# (input_dim, dim, num_experts, num_slots, num_heads, slot_dim): the recommended
+# sizes, and awkward ones (E = 1, S = 1, H = 1, odd ranks, dh and do not powers of two).
+RECOMMENDED = dict(input_dim=1024, dim=512, num_experts=30, num_slots=10, num_heads=16, slot_dim=256)
+SIZES = {
+    "recommended": RECOMMENDED,
+    "small": dict(input_dim=64, dim=48, num_experts=3, num_slots=4, num_heads=4, slot_dim=16),
+    "one_expert": dict(input_dim=40, dim=24, num_experts=1, num_slots=3, num_heads=2, slot_dim=12),
+    "one_slot_one_head": dict(input_dim=36, dim=20, num_experts=4, num_slots=1, num_heads=1, slot_dim=6),
+    "odd": dict(input_dim=166, dim=60, num_experts=5, num_slots=7, num_heads=3, slot_dim=9),
+}
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| over the whole tensor, in float64 (SPEC section 10)."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def make_layer(size: str = "small", seed: int = 0, **kw) -> Mammoth:
+    """A float64 eval-mode layer with random (not default) norm and bias values,
+    so that every parameter matters in the comparisons."""
+    torch.manual_seed(seed)
+    layer = Mammoth(**{**SIZES[size], **kw}).double().eval()
+    with torch.no_grad():
+        for name, prm in layer.named_parameters():
+            if name.endswith("gamma"):
+                prm.uniform_(0.5, 1.5)
+            elif name == "wq.bias":
+                prm.normal_(0.0, 0.1)
+    return layer
