@@ -248,10 +248,22 @@ class Mammoth(nn.Module):
         )
 
     def resolve_backend(self, feats: Tensor) -> str:
-        """The backend a forward on ``feats`` runs: 'auto' picks triton on CUDA."""
-        if self.backend != "auto":
-            return self.backend
-        return "triton" if feats.is_cuda else "eager"
+        """The backend a forward on ``feats`` runs: 'auto' picks triton on CUDA.
+
+        The triton backward is not written yet: a forward that autograd must
+        differentiate runs eager under 'auto' and raises under 'triton'.
+        """
+        from . import triton_backend
+
+        grad = triton_backend.needs_grad(self, feats)
+        if self.backend == "auto":
+            return "triton" if feats.is_cuda and not grad else "eager"
+        if self.backend == "triton" and grad:
+            raise NotImplementedError(
+                "mammoth_fast: backend='triton' has no backward yet; run it under torch.no_grad() "
+                "(inference), or use backend='eager' or 'auto' to train"
+            )
+        return self.backend
 
     # ----------------------------------------------------------------- forward
     def _check_input(self, feats: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:

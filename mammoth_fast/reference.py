@@ -90,9 +90,12 @@ def query(feats: Tensor, p: MammothParams) -> Tensor:
     return norm_last(F.linear(feats, p.wq_weight, p.wq_bias), p.norm_gamma, p.norm_beta, p.use_layernorm)
 
 
-def slot_keys(p: MammothParams) -> Tensor:
-    """K = norm_dh(slot_embeds), laid out (H, P, dh) with p = e * S + s."""
-    k = norm_last(p.slot_embeds, p.slot_gamma, p.slot_beta, p.use_layernorm)  # (E, H, S, dh)
+def slot_keys(p: MammothParams, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """K = norm_dh(slot_embeds), laid out (H, P, dh) with p = e * S + s,
+    computed in ``dtype`` (default: the parameters')."""
+    dtype = dtype or p.slot_embeds.dtype
+    beta = None if p.slot_beta is None else p.slot_beta.to(dtype)
+    k = norm_last(p.slot_embeds.to(dtype), p.slot_gamma.to(dtype), beta, p.use_layernorm)  # (E, H, S, dh)
     return rearrange(k, "e h s d -> h (e s) d")
 
 

@@ -1,0 +1,69 @@
+"""Launch helpers shared by the kernels: device checks, dot precision, block sizes.
+
+Every launcher picks its block sizes with a ``*_meta`` function of this
+package; ``mammoth_fast.compile_check`` compiles the kernels for sm_90a with
+the very same functions, so what is checked is what runs.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Tensor-core dots need every dim >= 16.
+MIN_DOT = 16
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    """Kernels run on CUDA tensors, or on CPU tensors under the interpreter."""
+    for t in tensors:
+        if t.is_cuda or (t.device.type == "cpu" and interpreting()):
+            continue
+        if t.device.type == "cpu":
+            raise RuntimeError(
+                "mammoth_fast: the triton backend got a CPU tensor. Move the layer and its input to a "
+                "CUDA GPU, use backend='eager', or run the kernels on CPU under the Triton interpreter "
+                "by setting the environment variable TRITON_INTERPRET=1 before triton is imported."
+            )
+        raise RuntimeError(f"mammoth_fast: the triton backend supports CUDA tensors, got one on {t.device}")
+
+
+def block(size: int, minimum: int = MIN_DOT, maximum: int | None = None) -> int:
+    """The power-of-two block covering ``size`` (masked beyond it), within bounds."""
+    b = max(minimum, triton.next_power_of_2(size))
+    return b if maximum is None else min(b, maximum)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulators and softmax statistics: fp32, or fp64 for fp64 inputs (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dot_dtype(dtype: torch.dtype):
+    """The dtype tl.dot operands are cast to: the input's half type on GPU, fp32
+    for fp32 inputs, fp64 for fp64. bf16 dots are wrong in the interpreter,
+    which gets fp32."""
+    if dtype == torch.float64:
+        return tl.float64
+    if dtype == torch.float16:
+        return tl.float16
+    if dtype == torch.bfloat16 and not interpreting():
+        return tl.bfloat16
+    return tl.float32
+
+
+def input_precision() -> str:
+    """fp32 dots follow torch's setting: IEEE unless TF32 is allowed for matmuls."""
+    if interpreting():
+        return "ieee"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+TORCH_TO_TL = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
