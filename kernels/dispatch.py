@@ -20,16 +20,30 @@ import triton
 import triton.language as tl
 
 from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision
+from ._slot_dropout import slot_keep
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
+def _patch_ok(MASK, seed, p_drop, b, offs_n, h, offs_p, n_end, N, H, P,
+              HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr):
+    """Which logits of the tile offs_p x offs_n (or its transpose) take part:
+    real patches, not padding, not slot-dropped."""
+    ok = offs_n < n_end
+    if HAS_MASK:
+        ok = ok & (tl.load(MASK + b * N + offs_n, mask=ok, other=0) != 0)
+    if HAS_DROP:
+        ok = ok & slot_keep(seed, p_drop, b, offs_n, h, offs_p, N, H, P)
+    return ok
+
+
+@triton.jit
 def _dispatch_partial_kernel(
     Q, K, MASK, M_PART, L_PART, ACC_PART,
-    N, P, H, n_per_split,
+    N, P, H, n_per_split, seed, p_drop,
     stride_qb, stride_qn,
-    HAS_MASK: tl.constexpr, DH: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, DH: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -58,13 +72,12 @@ def _dispatch_partial_kernel(
     q_base = Q + b * stride_qb + h * DH
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < n_end
         q = tl.load(q_base + offs_n[:, None].to(tl.int64) * stride_qn + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_D)
-        s = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # (BLOCK_P, BLOCK_N) fp32
-        if HAS_MASK:
-            n_ok = n_ok & (tl.load(MASK + b * N + offs_n, mask=n_ok, other=0) != 0)
-        s = tl.where(n_ok[None, :], s, float("-inf"))
+                    mask=(offs_n < n_end)[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_D)
+        s = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # (BLOCK_P, BLOCK_N)
+        ok = _patch_ok(MASK, seed, p_drop, b, offs_n[None, :], h, offs_p[:, None], n_end, N, H, P,
+                       HAS_MASK, HAS_DROP)
+        s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no patch yet: avoid inf - inf
         alpha = tl.exp2((m_i - m_ref) * LOG2E)
@@ -113,6 +126,92 @@ def _dispatch_merge_kernel(
     tl.store(LSE + out, lse, mask=p_ok)
 
 
+@triton.jit
+def _dispatch_bwd_dq_kernel(
+    Q, K, DZ, LSE, DELTA, MASK, DQ,
+    N, P, H, seed, p_drop,
+    stride_qb, stride_qn, stride_dqb, stride_dqn,
+    HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, DH: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """dq for BLOCK_N patches of one (b, h), all P slots streamed:
+    dq = sum_p Dw dZ[p] + sum_p Dw (dZ[p] . q - delta[p]) K[p]."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    nd_ok = (offs_n < N)[:, None] & (offs_d < DH)[None, :]
+    q = tl.load(Q + b * stride_qb + offs_n[:, None].to(tl.int64) * stride_qn + h * DH + offs_d[None, :],
+                mask=nd_ok, other=0.0).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_D)
+    dq = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        p_ok = offs_p < P
+        pd_ok = p_ok[:, None] & (offs_d < DH)[None, :]
+        slot = pid_bh * P + offs_p  # (B*H, P)
+        k = tl.load(K + (h * P + offs_p[:, None]) * DH + offs_d[None, :], mask=pd_ok, other=0.0).to(DOT_DTYPE)
+        dz = tl.load(DZ + slot[:, None] * DH + offs_d[None, :], mask=pd_ok, other=0.0).to(DOT_DTYPE)
+        lse = tl.load(LSE + slot, mask=p_ok, other=float("inf"))  # +inf: weight 0
+        delta = tl.load(DELTA + slot, mask=p_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_P)
+        ok = _patch_ok(MASK, seed, p_drop, b, offs_n[:, None], h, offs_p[None, :], N, N, H, P, HAS_MASK, HAS_DROP)
+        w = tl.where(ok, tl.exp2((s - lse[None, :]) * LOG2E), 0.0)  # Dw^T
+        dw = tl.dot(q, tl.trans(dz), input_precision=INPUT_PRECISION)  # dDw^T
+        dl = w * (dw - delta[None, :])
+        dq += tl.dot(w.to(DOT_DTYPE), dz, input_precision=INPUT_PRECISION)
+        dq += tl.dot(dl.to(DOT_DTYPE), k, input_precision=INPUT_PRECISION)
+    tl.store(DQ + b * stride_dqb + offs_n[:, None].to(tl.int64) * stride_dqn + h * DH + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=nd_ok)
+
+
+@triton.jit
+def _dispatch_bwd_dk_kernel(
+    Q, K, DZ, LSE, DELTA, MASK, DK_PART,
+    N, P, H, n_per_split, seed, p_drop,
+    stride_qb, stride_qn,
+    HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, DH: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """Partial dK over one n-chunk for a p-block of one (b, h):
+    dK[p] = sum_n Dw (dZ[p] . q - delta[p]) q[n]; summed over chunks and bags by the launcher."""
+    pid_p = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2)
+    n_splits = tl.num_programs(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    p_ok = offs_p < P
+    d_ok = offs_d < DH
+    pd_ok = p_ok[:, None] & d_ok[None, :]
+    slot = pid_bh * P + offs_p
+    k = tl.load(K + (h * P + offs_p[:, None]) * DH + offs_d[None, :], mask=pd_ok, other=0.0).to(DOT_DTYPE)
+    dz = tl.load(DZ + slot[:, None] * DH + offs_d[None, :], mask=pd_ok, other=0.0).to(DOT_DTYPE)
+    lse = tl.load(LSE + slot, mask=p_ok, other=float("inf"))
+    delta = tl.load(DELTA + slot, mask=p_ok, other=0.0)
+    dk = tl.zeros([BLOCK_P, BLOCK_D], ACC)
+    n_start = pid_s * n_per_split
+    n_end = tl.minimum(n_start + n_per_split, N)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        q = tl.load(Q + b * stride_qb + offs_n[:, None].to(tl.int64) * stride_qn + h * DH + offs_d[None, :],
+                    mask=(offs_n < n_end)[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_D)
+        s = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # (BLOCK_P, BLOCK_N)
+        ok = _patch_ok(MASK, seed, p_drop, b, offs_n[None, :], h, offs_p[:, None], n_end, N, H, P,
+                       HAS_MASK, HAS_DROP)
+        w = tl.where(ok, tl.exp2((s - lse[:, None]) * LOG2E), 0.0)  # Dw
+        dw = tl.dot(dz, tl.trans(q), input_precision=INPUT_PRECISION)  # dDw
+        dl = w * (dw - delta[:, None])
+        dk += tl.dot(dl.to(DOT_DTYPE), q, input_precision=INPUT_PRECISION)
+    part = (pid_bh * n_splits + pid_s) * P + offs_p
+    tl.store(DK_PART + part[:, None] * DH + offs_d[None, :], dk, mask=pd_ok)
+
+
 def dispatch_meta(n: int, p: int, dh: int, bh: int, dtype: torch.dtype, sm_count: int = 132) -> dict:
     """Block sizes and the n-split for a bag of n patches.
 
@@ -131,39 +230,107 @@ def dispatch_meta(n: int, p: int, dh: int, bh: int, dtype: torch.dtype, sm_count
                 n_per_split=n_per_split, num_warps=4, num_stages=2)
 
 
+def dispatch_dq_meta(n: int, p: int, dh: int) -> dict:
+    """dq: one program per BLOCK_N patches of a head, all P slots streamed."""
+    return dict(BLOCK_N=64, BLOCK_P=block(p, maximum=64), BLOCK_D=block(dh), num_warps=4, num_stages=2)
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # the interpreter: keep a few chunks so the merge is exercised
 
 
-def dispatch_forward(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, num_heads: int):
+def _common_args(q: torch.Tensor, mask, drop):
+    """Kernel arguments shared by all dispatch kernels: the mask (or a dummy
+    pointer), the slot-dropout (seed, p) and the dtype constexprs."""
+    seed, p_drop = drop if drop is not None else (0, 0.0)
+    mask_arg = mask.contiguous().view(torch.uint8) if mask is not None else q
+    consts = dict(HAS_MASK=mask is not None, HAS_DROP=drop is not None, DOT_DTYPE=dot_dtype(q.dtype),
+                  INPUT_PRECISION=input_precision(), ACC=TORCH_TO_TL[acc_dtype(q.dtype)])
+    return mask_arg, seed, p_drop, consts
+
+
+def dispatch_forward(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, drop=None):
     """q (B, N, C) with unit stride along C; k (H, P, dh) contiguous, in the
-    accumulator dtype; mask (B, N) bool or None. Returns Z (B, H, P, dh) and
-    LSE (B, H, P) in the accumulator dtype (fp32; fp64 for fp64 input)."""
+    accumulator dtype; mask (B, N) bool or None; drop (seed, p) of slot
+    dropout or None. Returns Z (B, H, P, dh) and LSE (B, H, P) in the
+    accumulator dtype (fp32; fp64 for fp64 input)."""
     check_device(q, k)
     bsz, n, c = q.shape
     h, p, dh = k.shape
-    assert h == num_heads and c == h * dh and q.stride(2) == 1 and k.is_contiguous()
+    assert c == h * dh and q.stride(2) == 1 and k.is_contiguous()
     meta = dispatch_meta(n, p, dh, bsz * h, q.dtype, _sm_count(q.device))
     n_splits = meta.pop("n_splits")
     n_per_split = meta.pop("n_per_split")
+    mask_arg, seed, p_drop, consts = _common_args(q, mask, drop)
     acc = dict(device=q.device, dtype=acc_dtype(q.dtype))
     m_part = torch.empty(bsz * h, n_splits, p, **acc)
     l_part = torch.empty(bsz * h, n_splits, p, **acc)
     acc_part = torch.empty(bsz * h, n_splits, p, dh, **acc)
-    mask_arg = mask.contiguous().view(torch.uint8) if mask is not None else q
     grid = (triton.cdiv(p, meta["BLOCK_P"]), bsz * h, n_splits)
     _dispatch_partial_kernel[grid](
         q, k, mask_arg, m_part, l_part, acc_part,
-        n, p, h, n_per_split, q.stride(0), q.stride(1),
-        HAS_MASK=mask is not None, DH=dh,
-        DOT_DTYPE=dot_dtype(q.dtype), INPUT_PRECISION=input_precision(), ACC=TORCH_TO_TL[acc["dtype"]], **meta,
+        n, p, h, n_per_split, seed, p_drop, q.stride(0), q.stride(1), DH=dh, **consts, **meta,
     )
     z = torch.empty(bsz, h, p, dh, **acc)
     lse = torch.empty(bsz, h, p, **acc)
     _dispatch_merge_kernel[(triton.cdiv(p, meta["BLOCK_P"]), bsz * h)](
         m_part, l_part, acc_part, z, lse, p, n_splits,
-        DH=dh, BLOCK_P=meta["BLOCK_P"], BLOCK_D=meta["BLOCK_D"], ACC=TORCH_TO_TL[acc["dtype"]],
+        DH=dh, BLOCK_P=meta["BLOCK_P"], BLOCK_D=meta["BLOCK_D"], ACC=consts["ACC"],
     )
     return z, lse
+
+
+def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq: bool, need_dk: bool):
+    """dZ (B, H, P, dh) -> dq (B, N, C) in q's dtype and dK (H, P, dh) in the
+    accumulator dtype (None where not needed). dK is reduced over n-chunks and
+    bags from per-program partials: deterministic."""
+    bsz, n, c = q.shape
+    h, p, dh = k.shape
+    dz = dz.to(z.dtype).contiguous()
+    delta = (dz * z).sum(-1)  # (B, H, P): P * H values
+    mask_arg, seed, p_drop, consts = _common_args(q, mask, drop)
+    dq = dk = None
+    if need_dq:
+        meta = dispatch_dq_meta(n, p, dh)
+        dq = torch.empty(bsz, n, c, device=q.device, dtype=q.dtype)
+        _dispatch_bwd_dq_kernel[(triton.cdiv(n, meta["BLOCK_N"]), bsz * h)](
+            q, k, dz, lse, delta, mask_arg, dq,
+            n, p, h, seed, p_drop, q.stride(0), q.stride(1), dq.stride(0), dq.stride(1),
+            DH=dh, **consts, **meta,
+        )
+    if need_dk:
+        meta = dispatch_meta(n, p, dh, bsz * h, q.dtype, _sm_count(q.device))
+        n_splits = meta.pop("n_splits")
+        n_per_split = meta.pop("n_per_split")
+        dk_part = torch.empty(bsz, h, n_splits, p, dh, device=q.device, dtype=z.dtype)
+        _dispatch_bwd_dk_kernel[(triton.cdiv(p, meta["BLOCK_P"]), bsz * h, n_splits)](
+            q, k, dz, lse, delta, mask_arg, dk_part,
+            n, p, h, n_per_split, seed, p_drop, q.stride(0), q.stride(1),
+            DH=dh, **consts, **meta,
+        )
+        dk = dk_part.sum(dim=(0, 2))  # (H, P, dh)
+    return dq, dk
+
+
+class DispatchFunction(torch.autograd.Function):
+    """Z = softmax_n(q K^T) q per (bag, head); saves q, K, Z and LSE (no N*H*P tensor)."""
+
+    @staticmethod
+    def forward(ctx, q, k, mask, drop):
+        z, lse = dispatch_forward(q, k, mask, drop)
+        ctx.save_for_backward(q, k, z, lse, mask)
+        ctx.drop = drop
+        return z
+
+    @staticmethod
+    def backward(ctx, dz):
+        q, k, z, lse, mask = ctx.saved_tensors
+        dq, dk = dispatch_backward(dz, q, k, z, lse, mask, ctx.drop, *ctx.needs_input_grad[:2])
+        return dq, dk, None, None
+
+
+def dispatch(q, k, mask=None, drop=None):
+    """Differentiable dispatch: q (B, N, C), k (H, P, dh) -> Z (B, H, P, dh)."""
+    return DispatchFunction.apply(q, k, mask, drop)

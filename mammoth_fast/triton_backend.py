@@ -50,7 +50,7 @@ def forward(layer, feats: Tensor, mask: Optional[Tensor], return_weights: bool):
     q, _, _ = query_forward(x, p.wq_weight.to(dtype), p.wq_bias, p.norm_gamma, p.norm_beta, p.use_layernorm)
     q = q.view(bsz, n, -1)  # (B, N, C)
     k = reference.slot_keys(p, acc).contiguous()  # (H, P, dh): P * dh values, plain PyTorch
-    z, lse_d = dispatch_forward(q, k, mask, layer.num_heads)  # (B, H, P, dh), (B, H, P)
+    z, lse_d = dispatch_forward(q, k, mask)  # (B, H, P, dh), (B, H, P)
     y, _ = experts_forward(z, p.shared_weight, p.shared_bias, p.expert_weights, p.expert_bias, p.expert_gamma)
     drop = layer.expert_heads.dropout.p
     if layer.training and drop > 0:  # (B, P, D): small, plain PyTorch

@@ -57,7 +57,7 @@ def test_dispatch_kernel(size, n, masked):
     mask = random_mask(2, n, seed=n) if masked else None
     _, inter = reference_run(layer, x, mask)
     z, lse = dispatch_forward(inter["q"].float().to(DEVICE), inter["K"].float().contiguous().to(DEVICE),
-                              None if mask is None else mask.to(DEVICE), layer.num_heads)
+                              None if mask is None else mask.to(DEVICE))
     logits = inter["L"] if mask is None else inter["L"].masked_fill(~mask[:, :, None, None], float("-inf"))
     assert z.dtype == torch.float32 and lse.dtype == torch.float32
     assert rel_err(z.cpu(), inter["Z"]) <= FP32_OUT_TOL
@@ -73,8 +73,7 @@ def test_dispatch_kernel_splits_the_bag_across_programs():
     layer = make_layer("small", seed=22)
     x = torch.randn(1, 5000, SIZES["small"]["input_dim"], dtype=torch.float64)
     _, inter = reference_run(layer, x)
-    z, lse = dispatch_forward(inter["q"].float().to(DEVICE), inter["K"].float().contiguous().to(DEVICE), None,
-                              layer.num_heads)
+    z, lse = dispatch_forward(inter["q"].float().to(DEVICE), inter["K"].float().contiguous().to(DEVICE), None)
     assert rel_err(z.cpu(), inter["Z"]) <= FP32_OUT_TOL
     assert rel_err(lse.cpu(), torch.logsumexp(inter["L"], dim=1)) <= FP32_OUT_TOL
 
