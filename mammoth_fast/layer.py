@@ -248,21 +248,9 @@ class Mammoth(nn.Module):
         )
 
     def resolve_backend(self, feats: Tensor) -> str:
-        """The backend a forward on ``feats`` runs: 'auto' picks triton on CUDA.
-
-        The triton backward is not written yet: a forward that autograd must
-        differentiate runs eager under 'auto' and raises under 'triton'.
-        """
-        from . import triton_backend
-
-        grad = triton_backend.needs_grad(self, feats)
+        """The backend a forward on ``feats`` runs: 'auto' picks triton for CUDA tensors."""
         if self.backend == "auto":
-            return "triton" if feats.is_cuda and not grad else "eager"
-        if self.backend == "triton" and grad:
-            raise NotImplementedError(
-                "mammoth_fast: backend='triton' has no backward yet; run it under torch.no_grad() "
-                "(inference), or use backend='eager' or 'auto' to train"
-            )
+            return "triton" if feats.is_cuda else "eager"
         return self.backend
 
     # ----------------------------------------------------------------- forward

@@ -3,9 +3,15 @@
     feats -> query -> q (B, N, C) -> dispatch -> Z (B, H, P, dh) -> experts -> Y (B, P, D)
                                   \\____________ combine (keep_slots=False) ________/-> out (B, N, D)
 
-Only O(N * C + P * D) tensors are made; the one N x H x P tensor is the
-dispatch weights, built from q and the saved log-sum-exp when
-``return_weights=True`` asks for them.
+each stage a ``torch.autograd.Function`` with its backward kernels when
+autograd must differentiate the call, the bare forward launchers otherwise.
+Only O(N * C + P * D) tensors are made or saved; the one N x H x P tensor is
+the dispatch weights, built when ``return_weights=True`` asks for them.
+
+The slot keys K = slot_norm(slot_embeds) (H * P * dh values) and the dropout
+on Y (B * P * D values) are plain PyTorch: small, and differentiated by
+autograd. Slot dropout draws one seed per forward from torch's CPU generator;
+the kernels regenerate the keep-mask from it (``kernels/_slot_dropout.py``).
 """
 from __future__ import annotations
 
@@ -16,10 +22,13 @@ from torch import Tensor
 
 from . import reference
 from .kernels import _launch
-from .kernels.combine import combine_forward
-from .kernels.dispatch import dispatch_forward
-from .kernels.experts import experts_forward
-from .kernels.query import query_forward
+from .kernels._slot_dropout import slot_keep_mask
+from .kernels.combine import CombineFunction, combine_forward
+from .kernels.dispatch import DispatchFunction, dispatch_forward
+from .kernels.experts import ExpertsFunction, experts_forward
+from .kernels.query import QueryFunction, query_forward
+
+SEED_RANGE = 2**31 - 1
 
 
 def compute_dtype(feats: Tensor) -> torch.dtype:
@@ -31,39 +40,73 @@ def compute_dtype(feats: Tensor) -> torch.dtype:
 
 
 def needs_grad(layer, feats: Tensor) -> bool:
+    """Whether autograd will differentiate this forward."""
     return torch.is_grad_enabled() and (feats.requires_grad or any(p.requires_grad for p in layer.parameters()))
+
+
+def draw_slot_seed() -> int:
+    """A slot-dropout seed from torch's (CPU) default generator: no device sync,
+    and ``torch.manual_seed`` makes it reproducible."""
+    return int(torch.randint(SEED_RANGE, (1,)).item())
 
 
 def forward(layer, feats: Tensor, mask: Optional[Tensor], return_weights: bool):
     """feats (B, N, Din) checked by the layer; mask (B, N) bool or None."""
-    if layer.training and layer.slot_dropout > 0:
-        raise NotImplementedError(
-            "mammoth_fast: slot_dropout in training is not yet implemented in the triton backend; "
-            "use backend='eager' to train with slot_dropout > 0"
-        )
     _launch.check_device(feats)
     p = layer.params()
     dtype = compute_dtype(feats)
     acc = _launch.acc_dtype(dtype)
+    grad = needs_grad(layer, feats)
     bsz, n, din = feats.shape
+    drop = None
+    if layer.training and layer.slot_dropout > 0:
+        drop = (draw_slot_seed(), float(layer.slot_dropout))
+
     x = feats.to(dtype).reshape(bsz * n, din)
-    q, _, _ = query_forward(x, p.wq_weight.to(dtype), p.wq_bias, p.norm_gamma, p.norm_beta, p.use_layernorm)
+    weight = p.wq_weight.to(dtype)
+    if grad:
+        q = QueryFunction.apply(x, weight, p.wq_bias, p.norm_gamma, p.norm_beta, p.use_layernorm)
+    else:
+        q, _, _ = query_forward(x, weight, p.wq_bias, p.norm_gamma, p.norm_beta, p.use_layernorm)
     q = q.view(bsz, n, -1)  # (B, N, C)
     k = reference.slot_keys(p, acc).contiguous()  # (H, P, dh): P * dh values, plain PyTorch
-    z, lse_d = dispatch_forward(q, k, mask)  # (B, H, P, dh), (B, H, P)
-    y, _ = experts_forward(z, p.shared_weight, p.shared_bias, p.expert_weights, p.expert_bias, p.expert_gamma)
-    drop = layer.expert_heads.dropout.p
-    if layer.training and drop > 0:  # (B, P, D): small, plain PyTorch
-        y = y * (torch.rand_like(y) >= drop) / (1.0 - drop)
+    lora = (p.shared_weight, p.shared_bias, p.expert_weights, p.expert_bias, p.expert_gamma)
+    if grad:
+        z, lse_d = DispatchFunction.apply(q, k, mask, drop)  # (B, H, P, dh), (B, H, P)
+        y = ExpertsFunction.apply(z, *lora)  # (B, P, D)
+    else:
+        z, lse_d = dispatch_forward(q, k, mask, drop)
+        y, _ = experts_forward(z, *lora)
+    dropout = layer.expert_heads.dropout.p
+    if layer.training and dropout > 0:  # (B, P, D): small, plain PyTorch
+        y = y * (torch.rand_like(y) >= dropout) / (1.0 - dropout)
     if layer.keep_slots:
         out = y.to(dtype)
+    elif grad:
+        out = CombineFunction.apply(q, k, y, mask, drop, dtype)
     else:
-        out, _ = combine_forward(q, k, y, mask, dtype)
+        out, _ = combine_forward(q, k, y, mask, dtype, drop)
     if not return_weights:
         return out
-    # the dispatch weights are N x H x P by definition: built only on request
-    logits = reference.routing_logits(q.to(acc), k)  # (B, N, H, P)
-    dw = torch.exp(logits - lse_d[:, None])
+    return out, dispatch_weights(q, k, lse_d, mask, drop, layer.num_experts, dtype)
+
+
+def dispatch_weights(q: Tensor, k: Tensor, lse: Tensor, mask: Optional[Tensor], drop, num_experts: int,
+                     dtype: torch.dtype) -> Tensor:
+    """The dispatch weights (B, N, E, H, S), N x H x P by definition: exp(L - LSE)
+    from the saved LSE; under autograd, a softmax that autograd differentiates
+    (the LSE carries no gradient)."""
+    bsz, n, _ = q.shape
+    h, p, _ = k.shape
+    logits = reference.routing_logits(q.to(k.dtype), k)  # (B, N, H, P)
+    keep = None if drop is None else slot_keep_mask(drop[0], drop[1], bsz, n, h, p, q.device)
     if mask is not None:
-        dw = dw * mask[:, :, None, None]
-    return out, reference.dispatch_layout(dw.to(dtype), layer.num_experts)
+        pad_keep = mask[:, :, None, None].expand_as(logits)
+        keep = pad_keep if keep is None else keep & pad_keep
+    if torch.is_grad_enabled() and logits.requires_grad:
+        dw = reference.dispatch_weights(logits, keep)
+    else:
+        dw = torch.exp(logits - lse[:, None])
+        if keep is not None:
+            dw = dw * keep
+    return reference.dispatch_layout(dw.to(dtype), num_experts)
