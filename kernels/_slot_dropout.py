@@ -1,10 +1,19 @@
 """Slot dropout: the keep-mask on the routing logits, drawn from a counter-based
 RNG so that no N x H x P mask is ever stored.
 
-Entry (b, n, h, p) of the mask is ``tl.rand(seed, ((b*N + n)*H + h)*P + p) >= p_drop``:
-every kernel (dispatch and combine, forward and backward) regenerates the
-same bits from the seed, whatever its tile shape. ``slot_keep_mask`` writes
-the mask out, for tests and for ``return_weights``.
+One Philox4x32-10 call gives four 32-bit draws, one for each of four
+consecutive slots: with row = (b*N + n)*H + h,
+
+    keep[b, n, h, p] = lane (p % 4) of tl.randint4x(seed, row * cdiv(P, 4) + p // 4) >= p_drop * 2**32
+
+(unsigned compare: kept with probability 1 - p_drop, to within 2**-32).
+Every kernel (dispatch and combine, forward and backward) regenerates the
+same bits from the seed, whatever its tile shape: ``slot_keep`` draws them
+for any (n, p) tile, one Philox call per entry; ``slot_keep_np`` and
+``slot_keep_pn`` draw a tile of slots p0 + arange(BLOCK_P), p0 a multiple of
+4, with one Philox call per four entries. Philox dominates the dispatch's
+work per logit (the dots run on tensor cores), so the tiled draw matters.
+``slot_keep_mask`` writes the mask out, for tests and for ``return_weights``.
 """
 from __future__ import annotations
 
@@ -12,12 +21,56 @@ import torch
 import triton
 import triton.language as tl
 
+LANES = tl.constexpr(4)  # draws per Philox call, for consecutive slots
+
+
+@triton.jit
+def _threshold(p_drop):
+    """Draws at or above p_drop * 2**32 keep their logit (p_drop in [0, 1))."""
+    return (tl.cast(p_drop, tl.float32) * 4294967296.0).to(tl.uint32)
+
+
+@triton.jit
+def _row(b, offs_n, h, N, H):
+    """(b*N + n)*H + h in int64: the mask's (B, N, H) row of the patches offs_n."""
+    return (b * N + offs_n.to(tl.int64)) * H + h
+
 
 @triton.jit
 def slot_keep(seed, p_drop, b, offs_n, h, offs_p, N, H, P):
     """Keep bits for the tile offs_n x offs_p (any 2-D broadcast of the two)."""
-    off = ((b * N + offs_n.to(tl.int64)) * H + h) * P + offs_p
-    return tl.rand(seed, off) >= p_drop
+    counter = _row(b, offs_n, h, N, H) * tl.cdiv(P, LANES) + offs_p // LANES
+    r0, r1, r2, r3 = tl.randint4x(seed, counter)
+    lane = offs_p % LANES
+    draw = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+    return draw >= _threshold(p_drop)
+
+
+@triton.jit
+def _keep4(seed, p_drop, counter):
+    """Keep bits of the four slots of each counter: (*counter.shape, 2, 2), lane 2 i + j at [..., i, j]."""
+    r0, r1, r2, r3 = tl.randint4x(seed, counter)
+    thr = _threshold(p_drop)
+    return tl.join(tl.join(r0 >= thr, r2 >= thr), tl.join(r1 >= thr, r3 >= thr))
+
+
+@triton.jit
+def slot_keep_np(seed, p_drop, b, offs_n, h, p0, N, H, P, BLOCK_P: tl.constexpr):
+    """Keep bits (BLOCK_N, BLOCK_P) of the patches offs_n (BLOCK_N,) and the slots
+    p0 + arange(BLOCK_P), p0 % 4 == 0: as ``slot_keep``, one Philox call per 4 slots."""
+    groups = p0 // LANES + tl.arange(0, BLOCK_P // LANES)
+    counter = _row(b, offs_n, h, N, H)[:, None] * tl.cdiv(P, LANES) + groups[None, :]  # (BLOCK_N, BLOCK_P / 4)
+    keep = _keep4(seed, p_drop, counter)  # (BLOCK_N, BLOCK_P / 4, 2, 2)
+    return tl.reshape(keep, (offs_n.shape[0], BLOCK_P))
+
+
+@triton.jit
+def slot_keep_pn(seed, p_drop, b, offs_n, h, p0, N, H, P, BLOCK_P: tl.constexpr):
+    """``slot_keep_np`` transposed: (BLOCK_P, BLOCK_N)."""
+    groups = p0 // LANES + tl.arange(0, BLOCK_P // LANES)
+    counter = _row(b, offs_n, h, N, H)[None, :] * tl.cdiv(P, LANES) + groups[:, None]  # (BLOCK_P / 4, BLOCK_N)
+    keep = tl.permute(_keep4(seed, p_drop, counter), (0, 2, 3, 1))  # (BLOCK_P / 4, 2, 2, BLOCK_N)
+    return tl.reshape(keep, (BLOCK_P, offs_n.shape[0]))
 
 
 @triton.jit
@@ -29,13 +82,18 @@ def _slot_keep_mask_kernel(OUT, seed, p_drop, N, H, P, BLOCK_N: tl.constexpr, BL
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     for p0 in range(0, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
-        keep = slot_keep(seed, p_drop, b, offs_n[:, None], h, offs_p[None, :], N, H, P)
+        keep = slot_keep_np(seed, p_drop, b, offs_n, h, p0, N, H, P, BLOCK_P)
         ok = (offs_n[:, None] < N) & (offs_p[None, :] < P)
         tl.store(OUT + ((b * N + offs_n[:, None]) * H + h) * P + offs_p[None, :], keep.to(tl.int8), mask=ok)
+
+
+def slot_keep_mask_meta() -> dict:
+    return dict(BLOCK_N=32, BLOCK_P=64)
 
 
 def slot_keep_mask(seed: int, p_drop: float, b: int, n: int, h: int, p: int, device) -> torch.Tensor:
     """The (B, N, H, P) bool keep-mask the kernels use for ``seed`` (N*H*P: tests and return_weights only)."""
     out = torch.empty(b, n, h, p, device=device, dtype=torch.int8)
-    _slot_keep_mask_kernel[(triton.cdiv(n, 32), b * h)](out, seed, p_drop, n, h, p, BLOCK_N=32, BLOCK_P=64)
+    meta = slot_keep_mask_meta()
+    _slot_keep_mask_kernel[(triton.cdiv(n, meta["BLOCK_N"]), b * h)](out, seed, p_drop, n, h, p, **meta)
     return out.bool()

@@ -28,18 +28,28 @@ import triton
 import triton.language as tl
 
 from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision
-from ._slot_dropout import slot_keep
+from ._slot_dropout import slot_keep_np, slot_keep_pn
 from .dispatch import _sm_count
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _slot_ok(seed, p_drop, b, offs_n, h, offs_p, N, H, P, HAS_DROP: tl.constexpr):
-    """Which logits of a tile take part in the softmax over p: real slots, not slot-dropped."""
-    ok = offs_p < P
-    if HAS_DROP:
-        ok = ok & slot_keep(seed, p_drop, b, offs_n, h, offs_p, N, H, P)
+def _slot_ok(seed, p_drop, b, offs_n, h, p0, N, H, P,
+             HAS_DROP: tl.constexpr, BLOCK_P: tl.constexpr, P_MAJOR: tl.constexpr):
+    """Which logits of the tile of patches offs_n and slots p0 + arange(BLOCK_P)
+    take part in the softmax over p: real slots, not slot-dropped.
+    (BLOCK_P, BLOCK_N) with P_MAJOR, else (BLOCK_N, BLOCK_P); without HAS_DROP,
+    a row or column that broadcasts to it."""
+    offs_p = p0 + tl.arange(0, BLOCK_P)
+    if P_MAJOR:
+        ok = (offs_p < P)[:, None]
+        if HAS_DROP:
+            ok = ok & slot_keep_pn(seed, p_drop, b, offs_n, h, p0, N, H, P, BLOCK_P)
+    else:
+        ok = (offs_p < P)[None, :]
+        if HAS_DROP:
+            ok = ok & slot_keep_np(seed, p_drop, b, offs_n, h, p0, N, H, P, BLOCK_P)
     return ok
 
 
@@ -84,7 +94,7 @@ def _combine_fwd_kernel(
         k = tl.load(K + (h * P + offs_p[:, None]) * DH + offs_dh[None, :],
                     mask=p_ok[:, None] & dh_ok[None, :], other=0.0).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_DH)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_P)
-        ok = _slot_ok(seed, p_drop, b, offs_n[:, None], h, offs_p[None, :], N, H, P, HAS_DROP)
+        ok = _slot_ok(seed, p_drop, b, offs_n, h, p0, N, H, P, HAS_DROP, BLOCK_P, False)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # every slot so far dropped: avoid inf - inf
@@ -148,7 +158,7 @@ def _combine_bwd_dq_kernel(
             y = tl.load(Y + (b * P + offs_p[:, None]) * D + h * DO + offs_do[None, :],
                         mask=p_ok[:, None] & do_ok[None, :], other=0.0).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_DO)
             s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_P)
-            ok = _slot_ok(seed, p_drop, b, offs_n[:, None], h, offs_p[None, :], N, H, P, HAS_DROP)
+            ok = _slot_ok(seed, p_drop, b, offs_n, h, p0, N, H, P, HAS_DROP, BLOCK_P, False)
             w = tl.where(ok, tl.exp2((s - lse[:, None]) * LOG2E), 0.0)  # Cw
             dcw = tl.dot(do, tl.trans(y), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_P)
             dl = w * (dcw - delta[:, None])
@@ -201,7 +211,7 @@ def _combine_bwd_dkdy_kernel(
                      mask=keep[:, None] & do_ok[None, :], other=0.0).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_DO)
         lse = tl.load(LSE + (b * N + offs_n) * H + h, mask=n_ok, other=float("inf"))  # (BLOCK_N,)
         s = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # (BLOCK_P, BLOCK_N)
-        ok = _slot_ok(seed, p_drop, b, offs_n[None, :], h, offs_p[:, None], N, H, P, HAS_DROP)
+        ok = _slot_ok(seed, p_drop, b, offs_n, h, pid_p * BLOCK_P, N, H, P, HAS_DROP, BLOCK_P, True)
         w = tl.where(ok, tl.exp2((s - lse[None, :]) * LOG2E), 0.0)  # Cw^T
         if NEED_DY:
             dy += tl.dot(w.to(DOT_DTYPE), do, input_precision=INPUT_PRECISION)
@@ -226,15 +236,20 @@ def combine_meta(n: int, p: int, dh: int, do: int, dtype: torch.dtype) -> dict:
 def combine_dkdy_meta(n: int, p: int, dh: int, do: int, bh: int, dtype: torch.dtype, sm_count: int = 132) -> dict:
     """dK/dY: programs along P and B*H are few (5 * 16 for one bag at the
     recommended sizes), so n is split until the grid covers the GPU about four
-    times over, keeping at least four n-tiles per chunk (as the dispatch)."""
+    times over, keeping at least four n-tiles per chunk (as the dispatch).
+    64 x 64 (BLOCK_P x BLOCK_N) tiles for 16-bit inputs; fp32's IEEE dots are
+    FMA loops on operands in registers, and spill there on sm_90a: 64 x 32
+    tiles on 8 warps, unpipelined."""
     block_p = block(p, maximum=64)
-    block_n = 64
+    half = dtype.itemsize <= 2
+    block_n = 64 if half else 32
     tiles = triton.cdiv(n, block_n)
     programs = triton.cdiv(p, block_p) * bh
     n_splits = max(1, min(triton.cdiv(4 * sm_count, programs), triton.cdiv(tiles, 4)))
     n_per_split = triton.cdiv(tiles, n_splits) * block_n
     return dict(BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_DH=block(dh), BLOCK_DO=block(do),
-                n_splits=triton.cdiv(n, n_per_split), n_per_split=n_per_split, num_warps=4, num_stages=2)
+                n_splits=triton.cdiv(n, n_per_split), n_per_split=n_per_split, num_warps=4 if half else 8,
+                num_stages=2 if half else 1)
 
 
 def _common_args(q: torch.Tensor, mask, drop) -> tuple:

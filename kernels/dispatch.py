@@ -20,21 +20,29 @@ import triton
 import triton.language as tl
 
 from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision
-from ._slot_dropout import slot_keep
+from ._slot_dropout import slot_keep_np, slot_keep_pn
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _patch_ok(MASK, seed, p_drop, b, offs_n, h, offs_p, n_end, N, H, P,
-              HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr):
-    """Which logits of the tile offs_p x offs_n (or its transpose) take part:
-    real patches, not padding, not slot-dropped."""
+def _patch_ok(MASK, seed, p_drop, b, offs_n, h, p0, n_end, N, H, P,
+              HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, BLOCK_P: tl.constexpr, P_MAJOR: tl.constexpr):
+    """Which logits of the tile of patches offs_n and slots p0 + arange(BLOCK_P)
+    take part: real patches, not padding, not slot-dropped. (BLOCK_P, BLOCK_N)
+    with P_MAJOR, else (BLOCK_N, BLOCK_P); without HAS_DROP, a row or column
+    that broadcasts to it."""
     ok = offs_n < n_end
     if HAS_MASK:
         ok = ok & (tl.load(MASK + b * N + offs_n, mask=ok, other=0) != 0)
-    if HAS_DROP:
-        ok = ok & slot_keep(seed, p_drop, b, offs_n, h, offs_p, N, H, P)
+    if P_MAJOR:
+        ok = ok[None, :]
+        if HAS_DROP:
+            ok = ok & slot_keep_pn(seed, p_drop, b, offs_n, h, p0, N, H, P, BLOCK_P)
+    else:
+        ok = ok[:, None]
+        if HAS_DROP:
+            ok = ok & slot_keep_np(seed, p_drop, b, offs_n, h, p0, N, H, P, BLOCK_P)
     return ok
 
 
@@ -75,8 +83,8 @@ def _dispatch_partial_kernel(
         q = tl.load(q_base + offs_n[:, None].to(tl.int64) * stride_qn + offs_d[None, :],
                     mask=(offs_n < n_end)[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_D)
         s = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # (BLOCK_P, BLOCK_N)
-        ok = _patch_ok(MASK, seed, p_drop, b, offs_n[None, :], h, offs_p[:, None], n_end, N, H, P,
-                       HAS_MASK, HAS_DROP)
+        ok = _patch_ok(MASK, seed, p_drop, b, offs_n, h, pid_p * BLOCK_P, n_end, N, H, P,
+                       HAS_MASK, HAS_DROP, BLOCK_P, True)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no patch yet: avoid inf - inf
@@ -157,7 +165,7 @@ def _dispatch_bwd_dq_kernel(
         lse = tl.load(LSE + slot, mask=p_ok, other=float("inf"))  # +inf: weight 0
         delta = tl.load(DELTA + slot, mask=p_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_P)
-        ok = _patch_ok(MASK, seed, p_drop, b, offs_n[:, None], h, offs_p[None, :], N, N, H, P, HAS_MASK, HAS_DROP)
+        ok = _patch_ok(MASK, seed, p_drop, b, offs_n, h, p0, N, N, H, P, HAS_MASK, HAS_DROP, BLOCK_P, False)
         w = tl.where(ok, tl.exp2((s - lse[None, :]) * LOG2E), 0.0)  # Dw^T
         dw = tl.dot(q, tl.trans(dz), input_precision=INPUT_PRECISION)  # dDw^T
         dl = w * (dw - delta[None, :])
@@ -202,8 +210,8 @@ def _dispatch_bwd_dk_kernel(
         q = tl.load(Q + b * stride_qb + offs_n[:, None].to(tl.int64) * stride_qn + h * DH + offs_d[None, :],
                     mask=(offs_n < n_end)[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_D)
         s = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # (BLOCK_P, BLOCK_N)
-        ok = _patch_ok(MASK, seed, p_drop, b, offs_n[None, :], h, offs_p[:, None], n_end, N, H, P,
-                       HAS_MASK, HAS_DROP)
+        ok = _patch_ok(MASK, seed, p_drop, b, offs_n, h, pid_p * BLOCK_P, n_end, N, H, P,
+                       HAS_MASK, HAS_DROP, BLOCK_P, True)
         w = tl.where(ok, tl.exp2((s - lse[:, None]) * LOG2E), 0.0)  # Dw
         dw = tl.dot(dz, tl.trans(q), input_precision=INPUT_PRECISION)  # dDw
         dl = w * (dw - delta[:, None])
@@ -213,14 +221,24 @@ def _dispatch_bwd_dk_kernel(
 
 
 def dispatch_meta(n: int, p: int, dh: int, bh: int, dtype: torch.dtype, sm_count: int = 132) -> dict:
-    """Block sizes and the n-split for a bag of n patches.
+    """Block sizes and the n-split for a bag of n patches (forward partials and dK).
+
+    16-bit inputs: 128 x 64 (BLOCK_P x BLOCK_N) logit tiles; the dots run on
+    tensor cores and the cost is reading q once per p-block. fp32: 64 x 32.
+    Its IEEE dots are FMA loops on operands held in registers: on sm_90a,
+    128 x 64 tiles spill (dK most), and 64 x 64 ones sit at ptxas's
+    128-register target, where a variant spills 8 bytes (triton 3.6's ptxas);
+    64 x 32 compiles without spills under triton 3.6 and 3.9 (100 to 220
+    registers, slot dropout included). BLOCK_P = 64 also pads P = 300 to 320
+    slots rather than 384.
 
     Programs along P and B*H alone are few (3 * 16 for one bag at the
-    recommended sizes), so n is split until the grid covers the GPU about
-    four times over, keeping at least four n-tiles per chunk.
+    recommended sizes in bf16), so n is split until the grid covers the GPU
+    about four times over, keeping at least four n-tiles per chunk.
     """
-    block_p = block(p, maximum=128)
-    block_n = 64
+    half = dtype.itemsize <= 2
+    block_p = block(p, maximum=128 if half else 64)
+    block_n = 64 if half else 32
     tiles = triton.cdiv(n, block_n)
     programs = triton.cdiv(p, block_p) * bh
     n_splits = max(1, min(triton.cdiv(4 * sm_count, programs), triton.cdiv(tiles, 4)))
@@ -230,9 +248,12 @@ def dispatch_meta(n: int, p: int, dh: int, bh: int, dtype: torch.dtype, sm_count
                 n_per_split=n_per_split, num_warps=4, num_stages=2)
 
 
-def dispatch_dq_meta(n: int, p: int, dh: int) -> dict:
-    """dq: one program per BLOCK_N patches of a head, all P slots streamed."""
-    return dict(BLOCK_N=64, BLOCK_P=block(p, maximum=64), BLOCK_D=block(dh), num_warps=4, num_stages=2)
+def dispatch_dq_meta(n: int, p: int, dh: int, dtype: torch.dtype) -> dict:
+    """dq: one program per BLOCK_N patches of a head, all P slots streamed.
+    fp32 takes 8 warps: its FMA dots on the 64 x 64 tiles spill with 4 on
+    sm_90a; with 8, 160 to 180 registers, slot dropout included."""
+    return dict(BLOCK_N=64, BLOCK_P=block(p, maximum=64), BLOCK_D=block(dh),
+                num_warps=4 if dtype.itemsize <= 2 else 8, num_stages=2)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -293,7 +314,7 @@ def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq: bool, need_dk: bool
     mask_arg, seed, p_drop, consts = _common_args(q, mask, drop)
     dq = dk = None
     if need_dq:
-        meta = dispatch_dq_meta(n, p, dh)
+        meta = dispatch_dq_meta(n, p, dh, q.dtype)
         dq = torch.empty(bsz, n, c, device=q.device, dtype=q.dtype)
         _dispatch_bwd_dq_kernel[(triton.cdiv(n, meta["BLOCK_N"]), bsz * h)](
             q, k, dz, lse, delta, mask_arg, dq,
@@ -315,17 +336,19 @@ def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq: bool, need_dk: bool
 
 
 class DispatchFunction(torch.autograd.Function):
-    """Z = softmax_n(q K^T) q per (bag, head); saves q, K, Z and LSE (no N*H*P tensor)."""
+    """(Z, LSE) = dispatch(q, K) per (bag, head); saves q, K, Z and LSE (no N*H*P
+    tensor). LSE (B, H, P) is returned for ``return_weights`` and carries no gradient."""
 
     @staticmethod
     def forward(ctx, q, k, mask, drop):
         z, lse = dispatch_forward(q, k, mask, drop)
         ctx.save_for_backward(q, k, z, lse, mask)
+        ctx.mark_non_differentiable(lse)
         ctx.drop = drop
-        return z
+        return z, lse
 
     @staticmethod
-    def backward(ctx, dz):
+    def backward(ctx, dz, _dlse):
         q, k, z, lse, mask = ctx.saved_tensors
         dq, dk = dispatch_backward(dz, q, k, z, lse, mask, ctx.drop, *ctx.needs_input_grad[:2])
         return dq, dk, None, None
@@ -333,4 +356,4 @@ class DispatchFunction(torch.autograd.Function):
 
 def dispatch(q, k, mask=None, drop=None):
     """Differentiable dispatch: q (B, N, C), k (H, P, dh) -> Z (B, H, P, dh)."""
-    return DispatchFunction.apply(q, k, mask, drop)
+    return DispatchFunction.apply(q, k, mask, drop)[0]

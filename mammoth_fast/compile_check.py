@@ -1,21 +1,24 @@
 """Ahead-of-time compile check of the Triton kernels for an H100 (sm_90a), no GPU needed.
 
-    python -m mammoth_fast.compile_check [--json rows.json]
+    python -m mammoth_fast.compile_check [--json rows.json] [--jobs N]
 
 Every kernel in ``KERNELS`` is compiled with ``triton.compile`` at the block
 sizes its launcher picks (the same ``*_meta`` functions), for the recommended
 layer on one bag of N in {1000, 100000} patches, in fp32 and bf16, and for each
-of its flag variants. Arguments are specialized as the launcher's call
-specializes them (pointers and 16-divisible ints get ``tt.divisibility``, ints
-equal to 1 become constants); identical compile jobs run once. Per job it
-reports registers, spilled bytes, shared memory and whether the SASS uses
-tensor cores, and fails on a compile error, a spill, or shared memory above
-the H100's 227 KiB per block. Where TRITON_INTERPRET is set (the tests
-without a GPU), ``run_checks`` compiles in a child process without it.
+flag variant its launcher passes. Arguments are specialized as the launcher's
+call specializes them (pointers and 16-divisible ints get ``tt.divisibility``,
+ints equal to 1 become constants); identical compile jobs run once, spread
+over one process per CPU. Per job it reports registers, spilled bytes, shared
+memory and whether the dots run on tensor cores (n/a: no dots), and fails on
+a compile error, a spill, or shared memory above the H100's 227 KiB per
+block. Where TRITON_INTERPRET is set (the tests without a GPU),
+``run_checks`` compiles in a child process without it.
 
-Adding a kernel is one ``Kernel`` entry: its file, its name, and a function
+Adding a kernel is one ``Kernel`` entry: its file, its name, a function
 giving every argument its launcher passes (a torch dtype stands for a pointer
-to that dtype), plus ``num_warps`` / ``num_stages`` where the launcher sets them.
+to that dtype), plus ``num_warps`` / ``num_stages`` where the launcher sets
+them, its flags and, where some combinations of them are never launched, a
+predicate that drops those.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import functools
 import importlib
 import itertools
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -31,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -43,10 +48,11 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 from .kernels._launch import TORCH_TO_TL, acc_dtype, dot_dtype, interpreting
-from .kernels.combine import combine_meta
-from .kernels.dispatch import dispatch_meta
-from .kernels.experts import experts_meta
-from .kernels.query import query_meta
+from .kernels._slot_dropout import slot_keep_mask_meta
+from .kernels.combine import combine_dkdy_meta, combine_meta
+from .kernels.dispatch import dispatch_dq_meta, dispatch_meta
+from .kernels.experts import experts_bwd_meta, experts_meta
+from .kernels.query import query_meta, query_norm_bwd_meta
 
 H100 = GPUTarget("cuda", 90, 32)  # compiles for sm_90a
 H100_SM_COUNT = 132
@@ -58,7 +64,8 @@ OPTIONS = ("num_warps", "num_stages")
 PACKAGE = "mammoth_fast.kernels"
 MODULE = "mammoth_fast.compile_check"
 PTR_TYPES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-             torch.uint8: "u8"}
+             torch.uint8: "u8", torch.int8: "i8"}
+DROP = (12345, 0.1)  # (seed, p) of slot dropout where HAS_DROP
 
 
 @dataclass(frozen=True)
@@ -109,24 +116,39 @@ def _dispatch_meta(sz: Sizes) -> dict:
     return dispatch_meta(sz.n, sz.p, sz.dh, sz.b * sz.h, sz.dtype, H100_SM_COUNT)
 
 
+def _drop(has_drop: bool) -> dict:
+    seed, p_drop = DROP if has_drop else (0, 0.0)
+    return dict(seed=seed, p_drop=p_drop)
+
+
 # One function per kernel, mirroring its launcher's call on contiguous tensors.
 
-def _query_args(sz: Sizes, USE_LAYERNORM: bool) -> dict:
+def _query_args(sz: Sizes, USE_LAYERNORM: bool, STORE_Y: bool) -> dict:
     m = sz.b * sz.n
     return dict(
-        X=sz.dtype, W=sz.dtype, BIAS=sz.param, GAMMA=sz.param, BETA=sz.param, Q=sz.dtype, MEAN=sz.acc, RSTD=sz.acc,
-        M=m, K=sz.din, C=sz.c, stride_xm=sz.din, stride_xk=1, stride_wc=sz.din, stride_wk=1, stride_qm=sz.c,
-        eps=1e-5, USE_LAYERNORM=USE_LAYERNORM, **_precision(sz), **query_meta(m, sz.din, sz.c, sz.dtype),
+        X=sz.dtype, W=sz.dtype, BIAS=sz.param, GAMMA=sz.param, BETA=sz.param, Q=sz.dtype, Y=sz.dtype,
+        MEAN=sz.acc, RSTD=sz.acc, M=m, K=sz.din, C=sz.c, stride_xm=sz.din, stride_xk=1, stride_wc=sz.din,
+        stride_wk=1, stride_qm=sz.c, eps=1e-5, USE_LAYERNORM=USE_LAYERNORM, STORE_Y=STORE_Y, **_precision(sz),
+        **query_meta(m, sz.din, sz.c, sz.dtype),
+    )
+
+
+def _query_norm_bwd_args(sz: Sizes, USE_LAYERNORM: bool, NEED_DY: bool, NEED_DGAMMA: bool) -> dict:
+    """dq (M, C) contiguous from autograd in q's dtype; y, dy in x's dtype; stats and dgamma partials in ACC."""
+    return dict(
+        DQ=sz.dtype, Y=sz.dtype, MEAN=sz.acc, RSTD=sz.acc, GAMMA=sz.param, DY=sz.dtype, DGAMMA_PART=sz.acc,
+        M=sz.b * sz.n, C=sz.c, stride_dqm=sz.c, stride_dqc=1,
+        USE_LAYERNORM=USE_LAYERNORM, NEED_DY=NEED_DY, NEED_DGAMMA=NEED_DGAMMA, ACC=TORCH_TO_TL[sz.acc],
+        **query_norm_bwd_meta(sz.c),
     )
 
 
 def _dispatch_partial_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool) -> dict:
     meta = _dispatch_meta(sz)
     del meta["n_splits"]  # the grid's third dim
-    seed, p_drop = (12345, 0.1) if HAS_DROP else (0, 0.0)
     return dict(
         Q=sz.dtype, K=sz.acc, MASK=_mask(sz, HAS_MASK), M_PART=sz.acc, L_PART=sz.acc, ACC_PART=sz.acc,
-        N=sz.n, P=sz.p, H=sz.h, n_per_split=meta.pop("n_per_split"), seed=seed, p_drop=p_drop,
+        N=sz.n, P=sz.p, H=sz.h, n_per_split=meta.pop("n_per_split"), **_drop(HAS_DROP),
         stride_qb=sz.n * sz.c, stride_qn=sz.c, HAS_MASK=HAS_MASK, HAS_DROP=HAS_DROP, DH=sz.dh,
         **_precision(sz), **meta,
     )
@@ -140,6 +162,33 @@ def _dispatch_merge_args(sz: Sizes) -> dict:
     )
 
 
+def _dispatch_bwd_dq_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool) -> dict:
+    """dz, lse, delta and K in ACC; q and dq (B, N, C) contiguous in q's dtype."""
+    return dict(
+        Q=sz.dtype, K=sz.acc, DZ=sz.acc, LSE=sz.acc, DELTA=sz.acc, MASK=_mask(sz, HAS_MASK), DQ=sz.dtype,
+        N=sz.n, P=sz.p, H=sz.h, **_drop(HAS_DROP), stride_qb=sz.n * sz.c, stride_qn=sz.c,
+        stride_dqb=sz.n * sz.c, stride_dqn=sz.c, HAS_MASK=HAS_MASK, HAS_DROP=HAS_DROP, DH=sz.dh,
+        **_precision(sz), **dispatch_dq_meta(sz.n, sz.p, sz.dh, sz.dtype),
+    )
+
+
+def _dispatch_bwd_dk_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool) -> dict:
+    """The partials' grid, as the forward's; dK partials in ACC."""
+    meta = _dispatch_meta(sz)
+    del meta["n_splits"]
+    return dict(
+        Q=sz.dtype, K=sz.acc, DZ=sz.acc, LSE=sz.acc, DELTA=sz.acc, MASK=_mask(sz, HAS_MASK), DK_PART=sz.acc,
+        N=sz.n, P=sz.p, H=sz.h, n_per_split=meta.pop("n_per_split"), **_drop(HAS_DROP),
+        stride_qb=sz.n * sz.c, stride_qn=sz.c, HAS_MASK=HAS_MASK, HAS_DROP=HAS_DROP, DH=sz.dh,
+        **_precision(sz), **meta,
+    )
+
+
+def _slot_keep_mask_args(sz: Sizes) -> dict:
+    """``slot_keep_mask``'s launch: an int8 (B, N, H, P) mask (tests and return_weights)."""
+    return dict(OUT=torch.int8, **_drop(True), N=sz.n, H=sz.h, P=sz.p, **slot_keep_mask_meta())
+
+
 def _experts_args(sz: Sizes, SHARED: bool) -> dict:
     return dict(
         Z=sz.acc, A=sz.param, ABIAS=sz.param, BW=sz.param, CBIAS=sz.param, G=sz.param, Y=sz.acc, INV_NORM=sz.acc,
@@ -148,11 +197,45 @@ def _experts_args(sz: Sizes, SHARED: bool) -> dict:
     )
 
 
-def _combine_args(sz: Sizes, HAS_MASK: bool) -> dict:
+def _experts_bwd_args(sz: Sizes, SHARED: bool, PARAM_GRADS: bool, INPUT_GRAD: bool) -> dict:
+    """Z, dY, dZ, the inverse norms and the partials in ACC; parameters in their dtype."""
+    return dict(
+        Z=sz.acc, A=sz.param, ABIAS=sz.param, BW=sz.param, CBIAS=sz.param, G=sz.param, INV_NORM=sz.acc,
+        DY=sz.acc, DZ=sz.acc, DA_PART=sz.acc, DABIAS_PART=sz.acc, DBW_PART=sz.acc, DCBIAS_PART=sz.acc,
+        DG_PART=sz.acc, S=sz.s, H=sz.h, R=sz.r, DO=sz.do, SHARED=SHARED, DH=sz.dh, PARAM_GRADS=PARAM_GRADS,
+        INPUT_GRAD=INPUT_GRAD, INPUT_PRECISION=INPUT_PRECISION, ACC=TORCH_TO_TL[sz.acc],
+        **experts_bwd_meta(sz.s, sz.dh, sz.r, sz.do),
+    )
+
+
+def _combine_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool) -> dict:
     return dict(
         Q=sz.dtype, K=sz.acc, Y=sz.acc, MASK=_mask(sz, HAS_MASK), OUT=sz.dtype, LSE=sz.acc, N=sz.n, P=sz.p, H=sz.h,
-        stride_qb=sz.n * sz.c, stride_qn=sz.c, stride_ob=sz.n * sz.d, stride_on=sz.d, HAS_MASK=HAS_MASK,
-        DH=sz.dh, DO=sz.do, **_precision(sz), **combine_meta(sz.n, sz.p, sz.dh, sz.do, sz.dtype),
+        **_drop(HAS_DROP), stride_qb=sz.n * sz.c, stride_qn=sz.c, stride_ob=sz.n * sz.d, stride_on=sz.d,
+        HAS_MASK=HAS_MASK, HAS_DROP=HAS_DROP, DH=sz.dh, DO=sz.do, **_precision(sz),
+        **combine_meta(sz.n, sz.p, sz.dh, sz.do, sz.dtype),
+    )
+
+
+def _combine_bwd_dq_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool, NEED_DQ: bool) -> dict:
+    """q, out, dO and dq (B, N, *) contiguous in the compute dtype; K, Y, LSE and delta_c in ACC."""
+    return dict(
+        Q=sz.dtype, K=sz.acc, Y=sz.acc, MASK=_mask(sz, HAS_MASK), OUT=sz.dtype, DOUT=sz.dtype, LSE=sz.acc,
+        DELTA=sz.acc, DQ=sz.dtype, N=sz.n, P=sz.p, H=sz.h, **_drop(HAS_DROP), stride_qb=sz.n * sz.c,
+        stride_qn=sz.c, stride_dqb=sz.n * sz.c, stride_dqn=sz.c, HAS_MASK=HAS_MASK, HAS_DROP=HAS_DROP,
+        NEED_DQ=NEED_DQ, DH=sz.dh, DO=sz.do, **_precision(sz), **combine_meta(sz.n, sz.p, sz.dh, sz.do, sz.dtype),
+    )
+
+
+def _combine_bwd_dkdy_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool, NEED_DK: bool, NEED_DY: bool) -> dict:
+    """dK and dY partials in ACC, on the split-n grid."""
+    meta = combine_dkdy_meta(sz.n, sz.p, sz.dh, sz.do, sz.b * sz.h, sz.dtype, H100_SM_COUNT)
+    del meta["n_splits"]
+    return dict(
+        Q=sz.dtype, K=sz.acc, MASK=_mask(sz, HAS_MASK), DOUT=sz.dtype, LSE=sz.acc, DELTA=sz.acc, Y=sz.acc,
+        DK_PART=sz.acc, DY_PART=sz.acc, N=sz.n, P=sz.p, H=sz.h, n_per_split=meta.pop("n_per_split"),
+        **_drop(HAS_DROP), stride_qb=sz.n * sz.c, stride_qn=sz.c, HAS_MASK=HAS_MASK, HAS_DROP=HAS_DROP,
+        NEED_DK=NEED_DK, NEED_DY=NEED_DY, DH=sz.dh, DO=sz.do, **_precision(sz), **meta,
     )
 
 
@@ -162,15 +245,38 @@ class Kernel:
     name: str  # the @triton.jit function
     args: Callable[..., dict]  # (Sizes, **flags) -> every kernel argument, and the launch options
     flags: dict = field(default_factory=dict)  # constexpr flag -> the values to compile
+    launched: Callable[..., bool] = lambda **flags: True  # (**flags) -> whether a launcher passes the combo
 
 
+def _any_output(NEED_DY: bool, NEED_DGAMMA: bool, **_) -> bool:
+    return NEED_DY or NEED_DGAMMA
+
+
+def _any_grad(PARAM_GRADS: bool, INPUT_GRAD: bool, **_) -> bool:
+    return PARAM_GRADS or INPUT_GRAD
+
+
+def _dk_or_dy(NEED_DK: bool, NEED_DY: bool, **_) -> bool:
+    return NEED_DK or NEED_DY
+
+
+MASK_DROP = {"HAS_MASK": (False, True), "HAS_DROP": (False, True)}
 KERNELS = (
-    Kernel("query", "_query_fwd_kernel", _query_args, {"USE_LAYERNORM": (True, False)}),
-    Kernel("dispatch", "_dispatch_partial_kernel", _dispatch_partial_args,
-           {"HAS_MASK": (False, True), "HAS_DROP": (False, True)}),
+    Kernel("query", "_query_fwd_kernel", _query_args, {"USE_LAYERNORM": (True, False), "STORE_Y": (True, False)}),
+    Kernel("query", "_query_norm_bwd_kernel", _query_norm_bwd_args,
+           {"USE_LAYERNORM": (True, False), "NEED_DY": (True, False), "NEED_DGAMMA": (True, False)}, _any_output),
+    Kernel("dispatch", "_dispatch_partial_kernel", _dispatch_partial_args, MASK_DROP),
     Kernel("dispatch", "_dispatch_merge_kernel", _dispatch_merge_args),
+    Kernel("dispatch", "_dispatch_bwd_dq_kernel", _dispatch_bwd_dq_args, MASK_DROP),
+    Kernel("dispatch", "_dispatch_bwd_dk_kernel", _dispatch_bwd_dk_args, MASK_DROP),
+    Kernel("_slot_dropout", "_slot_keep_mask_kernel", _slot_keep_mask_args),
     Kernel("experts", "_experts_fwd_kernel", _experts_args, {"SHARED": (True, False)}),
-    Kernel("combine", "_combine_fwd_kernel", _combine_args, {"HAS_MASK": (False, True)}),
+    Kernel("experts", "_experts_bwd_kernel", _experts_bwd_args,
+           {"SHARED": (True, False), "PARAM_GRADS": (True, False), "INPUT_GRAD": (True, False)}, _any_grad),
+    Kernel("combine", "_combine_fwd_kernel", _combine_args, MASK_DROP),
+    Kernel("combine", "_combine_bwd_dq_kernel", _combine_bwd_dq_args, {**MASK_DROP, "NEED_DQ": (True, False)}),
+    Kernel("combine", "_combine_bwd_dkdy_kernel", _combine_bwd_dkdy_args,
+           {**MASK_DROP, "NEED_DK": (True, False), "NEED_DY": (True, False)}, _dk_or_dy),
 )
 
 
@@ -232,12 +338,13 @@ def _compiles_here() -> bool:
     return not interpreting() and all(isinstance(fn, JITFunction) for fn in fns)
 
 
-def _run_in_child() -> list[dict]:
+def _run_in_child(workers: int | None) -> list[dict]:
     """The rows of ``python -m mammoth_fast.compile_check`` run without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
-        proc = subprocess.run([sys.executable, "-m", MODULE, "--json", str(out)], env=env,
+        jobs = ["--jobs", str(workers)] if workers else []
+        proc = subprocess.run([sys.executable, "-m", MODULE, "--json", str(out), *jobs], env=env,
                               capture_output=True, text=True)
         if not out.is_file():
             raise RuntimeError(f"compile_check: the child process failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -258,17 +365,18 @@ def _run_tool(cmd: list, cubin: bytes) -> str:
         return subprocess.run([*cmd, f.name], check=True, capture_output=True, text=True).stdout
 
 
-def _binary_facts(cubin: bytes) -> dict:
+def _binary_facts(cubin: bytes, ptx: str) -> dict:
     """Registers and spilled bytes per thread (ptxas's stack frame plus local
-    memory, as Triton's n_spills * 4) from ``cuobjdump -res-usage``, and whether
-    the SASS has HMMA/HGMMA; None where no tool is at hand."""
-    cuobjdump, nvdisasm = _tool("cuobjdump"), _tool("nvdisasm")
-    if not (cuobjdump or nvdisasm):
-        return dict(n_regs=None, spill_bytes=None, tensor_cores=None)
-    out = _run_tool([cuobjdump, "-res-usage", "-sass"] if cuobjdump else [nvdisasm], cubin)
-    usage = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
+    memory, as Triton's n_spills * 4) from ``cuobjdump -res-usage``, None where
+    it is not at hand; and whether the dots run on tensor cores: mma / wgmma in
+    the PTX, which ptxas lowers to HMMA / HGMMA and nothing else (disassembling
+    the SASS to see those takes 0.4 s a kernel, as long as most compiles)."""
+    usage = {}
+    if _tool("cuobjdump"):
+        out = _run_tool([_tool("cuobjdump"), "-res-usage"], cubin)
+        usage = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
     return dict(n_regs=usage.get("REG"), spill_bytes=usage["STACK"] + usage["LOCAL"] if usage else None,
-                tensor_cores=re.search(r"\bH(G)?MMA\b", out) is not None)
+                tensor_cores=re.search(r"\b(wgmma\.mma_async|mma\.sync)\.", ptx) is not None)
 
 
 def _problems(row: dict) -> list[str]:
@@ -289,35 +397,59 @@ def _check(job: Job, cases: list, fn: JITFunction) -> dict:
         num_warps=None, num_stages=None, n_regs=None, spill_bytes=None, shared=None, tensor_cores=None,
         problems=[],
     )
+    start = time.perf_counter()
     try:
         compiled = _compile(job, fn)
     except Exception as err:  # noqa: BLE001 - any compile failure is a reported result
         row["problems"] = [f"compile error: {type(err).__name__}: {err}"]
         return row
+    finally:
+        row["seconds"] = round(time.perf_counter() - start, 2)
     meta = compiled.metadata
     row.update(num_warps=meta.num_warps, num_stages=meta.num_stages, shared=meta.shared,
-               **_binary_facts(compiled.asm["cubin"]))
+               **_binary_facts(compiled.asm["cubin"], compiled.asm["ptx"]))
+    if "tt.dot" not in compiled.asm["ttir"]:
+        row["tensor_cores"] = None  # no dots: n/a
     row["problems"] = _problems(row)
     return row
 
 
-def _flag_combos(flags: dict):
-    return [dict(zip(flags, values)) for values in itertools.product(*flags.values())]
+def _flag_combos(kernel: Kernel):
+    """The flag combinations a launcher passes."""
+    combos = [dict(zip(kernel.flags, values)) for values in itertools.product(*kernel.flags.values())]
+    return [flags for flags in combos if kernel.launched(**flags)]
 
 
-def run_checks() -> list[dict]:
+def _check_in_worker(job: Job, cases: list, module: str) -> dict:
+    """``_check`` in a worker process: the kernel found again by its file and name."""
+    return _check(job, cases, getattr(importlib.import_module(f"{PACKAGE}.{module}"), job.name))
+
+
+def _workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def run_checks(workers: int | None = None) -> list[dict]:
     """Compile every (kernel, N, dtype, flags) case for sm_90a, each distinct
-    job once; one row per job. A row with ``problems`` fails the check."""
+    job once, on ``workers`` processes (default: one per available CPU); one
+    row per job. A row with ``problems`` fails the check."""
     if not _compiles_here():
-        return _run_in_child()
-    jobs, fns = {}, {}
+        return _run_in_child(workers)
+    jobs, modules = {}, {}
     for kernel in KERNELS:
-        fn = fns[kernel.name] = _kernel_function(kernel)
+        fn = _kernel_function(kernel)
+        modules[kernel.name] = kernel.module
         for n, dtype in itertools.product(N_VALUES, DTYPES):
-            for flags in _flag_combos(kernel.flags):
+            for flags in _flag_combos(kernel):
                 job = _job(kernel, fn, kernel.args(Sizes(n, dtype), **flags))
                 jobs.setdefault(job, []).append((dtype, n))
-    return [_check(job, cases, fns[job.name]) for job, cases in jobs.items()]
+    args = [(job, cases, modules[job.name]) for job, cases in jobs.items()]
+    workers = min(workers or _workers(), len(args))
+    if workers <= 1:
+        return [_check_in_worker(*a) for a in args]
+    # spawn: no fork of a process that imported torch; each worker imports the kernels once
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_check_in_worker, *zip(*args)))
 
 
 def _na(value) -> str:
@@ -346,13 +478,15 @@ def failures(rows: list[dict]) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mammoth_fast.compile_check", description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    parser.add_argument("--jobs", type=int, help="compile processes (default: one per available CPU)")
     args = parser.parse_args(argv)
     if not _tool("cuobjdump"):
-        print("compile_check: cuobjdump not found: registers and spills are n/a (SASS from nvdisasm if present)")
+        print("compile_check: cuobjdump not found: registers and spills are n/a")
     start = time.perf_counter()
-    rows = run_checks()
+    rows = run_checks(args.jobs)
     print(format_table(rows))
-    print(f"{len(rows)} compile jobs for sm_90a in {time.perf_counter() - start:.1f} s (triton {triton.__version__})")
+    print(f"{len(rows)} compile jobs for sm_90a in {time.perf_counter() - start:.1f} s on {args.jobs or _workers()} "
+          f"processes ({sum(r['seconds'] for r in rows):.1f} s of compiling; triton {triton.__version__})")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     print(*failures(rows), sep="\n")

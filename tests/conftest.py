@@ -16,6 +16,7 @@ if not _HAS_CUDA:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from mammoth_fast import Mammoth  # noqa: E402
 
@@ -56,3 +57,21 @@ def make_layer(size: str = "small", seed: int = 0, **kw) -> Mammoth:
             elif name == "wq.bias":
                 prm.normal_(0.0, 0.1)
     return layer
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor, in fp32 elements, that an out-of-place aten op
+    (allocations included) returns. In-place ops allocate nothing (the
+    interpreter moves kernel arguments with set_ and copy_)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func._schema.name.endswith("_"):
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel() * t.element_size() // 4)
+        return out

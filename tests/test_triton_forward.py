@@ -3,9 +3,8 @@ reference (SPEC section 10). On CPU the kernels run under TRITON_INTERPRET=1;
 with a CUDA GPU the same tests run natively."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import DEVICE, SIZES, make_layer, rel_err
+from conftest import DEVICE, SIZES, LargestTensor, make_layer, rel_err
 from mammoth_fast import Mammoth, reference
 from mammoth_fast.kernels.combine import combine_forward
 from mammoth_fast.kernels.dispatch import dispatch_forward
@@ -221,24 +220,6 @@ def test_autocast():
 
 
 # ------------------------------------------------------------------ the N*H*P rule
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor, in fp32 elements, that an out-of-place aten op
-    (allocations included) returns. In-place ops allocate nothing (the
-    interpreter moves kernel arguments with set_ and copy_)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not func._schema.name.endswith("_"):
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    self.largest = max(self.largest, t.numel() * t.element_size() // 4)
-        return out
-
-
 @pytest.mark.parametrize("keep_slots", [True, False])
 def test_no_tensor_of_size_n_h_p_is_made(keep_slots):
     cfg = dict(input_dim=24, dim=16, num_experts=4, num_slots=8, num_heads=4, slot_dim=16,
@@ -248,10 +229,10 @@ def test_no_tensor_of_size_n_h_p_is_made(keep_slots):
     n = 400
     x = torch.randn(1, n, 24, device=DEVICE)
     nhp = n * 4 * 32
-    with torch.no_grad(), _LargestTensor() as probe:
+    with torch.no_grad(), LargestTensor() as probe:
         layer(x)
     assert probe.largest <= nhp // 5, (probe.largest, nhp)  # feats and q are N*Din, N*C: 5x, 8x smaller
-    with torch.no_grad(), _LargestTensor() as probe:
+    with torch.no_grad(), LargestTensor() as probe:
         layer(x, return_weights=True)
     assert probe.largest >= nhp  # the one N*H*P tensor, made only on request
 
