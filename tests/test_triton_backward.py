@@ -390,3 +390,23 @@ def test_bf16_autocast_grads(keep_slots):
     for name, err in errs["triton"].items():
         eager = errs["eager"][name]
         assert err <= max(2 * eager, 1e-3) and (err <= 2e-2 or eager > 2e-2), (name, err, eager)
+
+
+def test_returned_dispatch_weights_are_differentiable():
+    # return_weights under autograd: a loss on the weights (say, an auxiliary
+    # routing loss) gets the reference's gradients
+    ref = make_layer("small", seed=30, keep_slots=False)
+    layer = triton_layer(ref)
+    x, dout = random_batch(ref, 2, 25, seed=31)
+    g = torch.Generator().manual_seed(32)
+    dw_grad = torch.randn(2, 25, ref.num_experts, ref.num_heads, ref.num_slots, generator=g, dtype=torch.float64)
+    results = []
+    for lay, dtype in ((layer, torch.float32), (ref, torch.float64)):
+        xd = x.to(DEVICE if lay is layer else "cpu", dtype).requires_grad_()
+        out, dw = lay(xd, return_weights=True)
+        loss = (out * dout.to(out)).sum() + (dw * dw_grad.to(dw)).sum()
+        results.append((dw.detach(), torch.autograd.grad(loss, [xd, *lay.parameters()])))
+    (dw, grads), (dw_ref, grads_ref) = results
+    assert rel_err(dw.cpu(), dw_ref) <= FP32_OUT_TOL
+    for got, want in zip(grads, grads_ref):
+        assert grad_err(got.cpu(), want) <= FP32_GRAD_TOL
