@@ -6,10 +6,11 @@ consecutive slots: with row = (b*N + n)*H + h,
 
     keep[b, n, h, p] = lane (p % 4) of tl.randint4x(seed, row * cdiv(P, 4) + p // 4) >= p_drop * 2**32
 
-(unsigned compare: kept with probability 1 - p_drop, to within 2**-32).
+(unsigned compare; p_drop travels as fp32, so the keep probability is
+1 - p_drop to about 2**-24 relative, and ``kernel_p_drop`` keeps p_drop
+below 1 in fp32 so that the threshold fits in 32 bits).
 Every kernel (dispatch and combine, forward and backward) regenerates the
-same bits from the seed, whatever its tile shape: ``slot_keep`` draws them
-for any (n, p) tile, one Philox call per entry; ``slot_keep_np`` and
+same bits from the seed, whatever its tile shape: ``slot_keep_np`` and
 ``slot_keep_pn`` draw a tile of slots p0 + arange(BLOCK_P), p0 a multiple of
 4, with one Philox call per four entries. Philox dominates the dispatch's
 work per logit (the dots run on tensor cores), so the tiled draw matters.
@@ -37,16 +38,6 @@ def _row(b, offs_n, h, N, H):
 
 
 @triton.jit
-def slot_keep(seed, p_drop, b, offs_n, h, offs_p, N, H, P):
-    """Keep bits for the tile offs_n x offs_p (any 2-D broadcast of the two)."""
-    counter = _row(b, offs_n, h, N, H) * tl.cdiv(P, LANES) + offs_p // LANES
-    r0, r1, r2, r3 = tl.randint4x(seed, counter)
-    lane = offs_p % LANES
-    draw = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
-    return draw >= _threshold(p_drop)
-
-
-@triton.jit
 def _keep4(seed, p_drop, counter):
     """Keep bits of the four slots of each counter: (*counter.shape, 2, 2), lane 2 i + j at [..., i, j]."""
     r0, r1, r2, r3 = tl.randint4x(seed, counter)
@@ -57,7 +48,7 @@ def _keep4(seed, p_drop, counter):
 @triton.jit
 def slot_keep_np(seed, p_drop, b, offs_n, h, p0, N, H, P, BLOCK_P: tl.constexpr):
     """Keep bits (BLOCK_N, BLOCK_P) of the patches offs_n (BLOCK_N,) and the slots
-    p0 + arange(BLOCK_P), p0 % 4 == 0: as ``slot_keep``, one Philox call per 4 slots."""
+    p0 + arange(BLOCK_P), p0 % 4 == 0: one Philox call per 4 slots."""
     groups = p0 // LANES + tl.arange(0, BLOCK_P // LANES)
     counter = _row(b, offs_n, h, N, H)[:, None] * tl.cdiv(P, LANES) + groups[None, :]  # (BLOCK_N, BLOCK_P / 4)
     keep = _keep4(seed, p_drop, counter)  # (BLOCK_N, BLOCK_P / 4, 2, 2)
@@ -91,9 +82,19 @@ def slot_keep_mask_meta() -> dict:
     return dict(BLOCK_N=32, BLOCK_P=64)
 
 
+MAX_P_DROP = 1.0 - 2.0**-24  # the largest fp32 below 1
+
+
+def kernel_p_drop(p_drop: float) -> float:
+    """p_drop as the kernels take it: in fp32 a p_drop within 3e-8 of 1 rounds to
+    1.0, whose threshold 2**32 overflows uint32; clamp it to the largest fp32 below 1."""
+    return min(float(p_drop), MAX_P_DROP)
+
+
 def slot_keep_mask(seed: int, p_drop: float, b: int, n: int, h: int, p: int, device) -> torch.Tensor:
     """The (B, N, H, P) bool keep-mask the kernels use for ``seed`` (N*H*P: tests and return_weights only)."""
     out = torch.empty(b, n, h, p, device=device, dtype=torch.int8)
     meta = slot_keep_mask_meta()
-    _slot_keep_mask_kernel[(triton.cdiv(n, meta["BLOCK_N"]), b * h)](out, seed, p_drop, n, h, p, **meta)
+    grid = (triton.cdiv(n, meta["BLOCK_N"]), b * h)
+    _slot_keep_mask_kernel[grid](out, seed, kernel_p_drop(p_drop), n, h, p, **meta)
     return out.bool()

@@ -24,11 +24,12 @@ dO counts as 0: their output is the constant 0.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
 from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision
-from ._slot_dropout import slot_keep_np, slot_keep_pn
+from ._slot_dropout import kernel_p_drop, slot_keep_np, slot_keep_pn
 from .dispatch import _sm_count
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -228,9 +229,15 @@ def _combine_bwd_dkdy_kernel(
 
 
 def combine_meta(n: int, p: int, dh: int, do: int, dtype: torch.dtype) -> dict:
-    """Forward and dq: BLOCK_N patches a program, the P slots streamed in tiles."""
+    """Forward: BLOCK_N patches a program, the P slots streamed in tiles."""
     return dict(BLOCK_N=64, BLOCK_P=block(p, maximum=64), BLOCK_DH=block(dh), BLOCK_DO=block(do),
                 num_warps=4, num_stages=2)
+
+
+def combine_dq_meta(n: int, p: int, dh: int, do: int, dtype: torch.dtype) -> dict:
+    """dq: the forward's tiles; fp32 on 8 warps, as its FMA dots on 4 sit at
+    ptxas's 255-register ceiling on sm_90a (one more tile would spill)."""
+    return {**combine_meta(n, p, dh, do, dtype), "num_warps": 4 if dtype.itemsize <= 2 else 8}
 
 
 def combine_dkdy_meta(n: int, p: int, dh: int, do: int, bh: int, dtype: torch.dtype, sm_count: int = 132) -> dict:
@@ -253,7 +260,7 @@ def combine_dkdy_meta(n: int, p: int, dh: int, do: int, bh: int, dtype: torch.dt
 
 
 def _common_args(q: torch.Tensor, mask, drop) -> tuple:
-    seed, p_drop = drop if drop is not None else (0, 0.0)
+    seed, p_drop = (drop[0], kernel_p_drop(drop[1])) if drop is not None else (0, 0.0)
     mask_arg = mask.contiguous().view(torch.uint8) if mask is not None else q
     consts = dict(HAS_MASK=mask is not None, HAS_DROP=drop is not None, DOT_DTYPE=dot_dtype(q.dtype),
                   INPUT_PRECISION=input_precision(), ACC=TORCH_TO_TL[acc_dtype(q.dtype)])
@@ -298,7 +305,7 @@ def combine_backward(dout, q, k, y, out, lse, mask, drop, need_dq: bool, need_dk
     dq = dk = dy = None
     delta = torch.empty(bsz, n, h, **acc)  # delta_c: N * H values
     if need_dq or need_dk:
-        meta = combine_meta(n, p, dh, do, q.dtype)
+        meta = combine_dq_meta(n, p, dh, do, q.dtype)
         dq = torch.empty(bsz, n, c, device=q.device, dtype=q.dtype) if need_dq else None
         dq_arg = dq if need_dq else q
         _combine_bwd_dq_kernel[(triton.cdiv(n, meta["BLOCK_N"]), h, bsz)](
@@ -336,6 +343,7 @@ class CombineFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         q, k, y, out, lse, mask = ctx.saved_tensors
         dq, dk, dy = combine_backward(dout, q, k, y, out, lse, mask, ctx.drop, *ctx.needs_input_grad[:3])

@@ -16,11 +16,12 @@ recomputed weights are 0 there).
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
 from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision
-from ._slot_dropout import slot_keep_np, slot_keep_pn
+from ._slot_dropout import kernel_p_drop, slot_keep_np, slot_keep_pn
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -265,7 +266,7 @@ def _sm_count(device: torch.device) -> int:
 def _common_args(q: torch.Tensor, mask, drop):
     """Kernel arguments shared by all dispatch kernels: the mask (or a dummy
     pointer), the slot-dropout (seed, p) and the dtype constexprs."""
-    seed, p_drop = drop if drop is not None else (0, 0.0)
+    seed, p_drop = (drop[0], kernel_p_drop(drop[1])) if drop is not None else (0, 0.0)
     mask_arg = mask.contiguous().view(torch.uint8) if mask is not None else q
     consts = dict(HAS_MASK=mask is not None, HAS_DROP=drop is not None, DOT_DTYPE=dot_dtype(q.dtype),
                   INPUT_PRECISION=input_precision(), ACC=TORCH_TO_TL[acc_dtype(q.dtype)])
@@ -310,7 +311,10 @@ def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq: bool, need_dk: bool
     bsz, n, c = q.shape
     h, p, dh = k.shape
     dz = dz.to(z.dtype).contiguous()
-    delta = (dz * z).sum(-1)  # (B, H, P): P * H values
+    # delta_d from dZ as the kernels' dots see it (rounded for half-precision dots),
+    # so that sum_n dL_d stays 0 as the softmax requires
+    dz_dot = dz.to(q.dtype).to(z.dtype) if dot_dtype(q.dtype) in (tl.float16, tl.bfloat16) else dz
+    delta = (dz_dot * z).sum(-1)  # (B, H, P): P * H values
     mask_arg, seed, p_drop, consts = _common_args(q, mask, drop)
     dq = dk = None
     if need_dq:
@@ -348,6 +352,7 @@ class DispatchFunction(torch.autograd.Function):
         return z, lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dz, _dlse):
         q, k, z, lse, mask = ctx.saved_tensors
         dq, dk = dispatch_backward(dz, q, k, z, lse, mask, ctx.drop, *ctx.needs_input_grad[:2])

@@ -10,7 +10,8 @@ One program takes BLOCK_S slots of one expert of one bag. The RMS norm spans
 all heads, so a first sweep over the heads accumulates ||v||^2 and a second
 recomputes v (a few kFLOP per slot) and writes Y. The work is independent of
 N and tiny next to dispatch; what matters is one launch. Saved for backward:
-the inverse norm per slot, (B, P) fp32.
+the inverse norm per slot, (B, P) in the accumulator dtype (fp32; fp64 for
+fp64 input).
 
 Backward, with the same grid and the same two sweeps: the first recomputes v
 and reduces <v, dw * g> over all heads (the norm's gradient couples them), the

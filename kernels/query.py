@@ -7,12 +7,14 @@ sizes in bf16 (Din 1024, C 256) that is 2 KiB read + 0.5 KiB written fused
 against 2 KiB + 1.5 KiB unfused per patch: the separate norm adds 40 % to the
 bytes of a kernel that is memory-bound on an H100 (2 * 262k FLOP per 2.5 KiB
 = 205 FLOP/byte, under the ridge of 800 TFLOP/s / 3.0 TB/s = 267 FLOP/byte).
-C = 256 fits one tile row, so each
-program owns whole rows and normalizes them in registers.
+(In training the kernel also writes y for the backward: 0.5 KiB more.)
+C = 256 fits one tile row, so each program owns whole rows and normalizes
+them in registers.
 
 LayerNorm (eps 1e-5, weight gamma, bias beta) or the RMS variant
-y / max(||y||, 1e-8) * sqrt(C) * gamma. Saved for backward, per row in fp32:
-the mean (LayerNorm) and rstd (1/sqrt(var + eps), or 1/max(||y||, 1e-8)).
+y / max(||y||, 1e-8) * sqrt(C) * gamma. Saved for backward, per row in the
+accumulator dtype (fp32; fp64 for fp64 input): the mean (LayerNorm) and rstd
+(1/sqrt(var + eps), or 1/max(||y||, 1e-8)).
 
 Backward (``QueryFunction``): the forward also stores the pre-norm y (N * C
 values in x's dtype) rather than have the backward recompute it with a second
@@ -22,6 +24,7 @@ give dx = dy @ Wq, dWq = dy^T @ x and dbq = sum_n dy.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
@@ -209,6 +212,7 @@ class QueryFunction(torch.autograd.Function):
         return q
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dq):
         x, weight, gamma, y, mean, rstd = ctx.saved_tensors
         need_dx, need_dw, need_db, need_dgamma = ctx.needs_input_grad[:4]

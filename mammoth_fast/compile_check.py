@@ -49,7 +49,7 @@ from triton.runtime.jit import JITFunction
 
 from .kernels._launch import TORCH_TO_TL, acc_dtype, dot_dtype, interpreting
 from .kernels._slot_dropout import slot_keep_mask_meta
-from .kernels.combine import combine_dkdy_meta, combine_meta
+from .kernels.combine import combine_dkdy_meta, combine_dq_meta, combine_meta
 from .kernels.dispatch import dispatch_dq_meta, dispatch_meta
 from .kernels.experts import experts_bwd_meta, experts_meta
 from .kernels.query import query_meta, query_norm_bwd_meta
@@ -223,7 +223,8 @@ def _combine_bwd_dq_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool, NEED_DQ: boo
         Q=sz.dtype, K=sz.acc, Y=sz.acc, MASK=_mask(sz, HAS_MASK), OUT=sz.dtype, DOUT=sz.dtype, LSE=sz.acc,
         DELTA=sz.acc, DQ=sz.dtype, N=sz.n, P=sz.p, H=sz.h, **_drop(HAS_DROP), stride_qb=sz.n * sz.c,
         stride_qn=sz.c, stride_dqb=sz.n * sz.c, stride_dqn=sz.c, HAS_MASK=HAS_MASK, HAS_DROP=HAS_DROP,
-        NEED_DQ=NEED_DQ, DH=sz.dh, DO=sz.do, **_precision(sz), **combine_meta(sz.n, sz.p, sz.dh, sz.do, sz.dtype),
+        NEED_DQ=NEED_DQ, DH=sz.dh, DO=sz.do, **_precision(sz),
+        **combine_dq_meta(sz.n, sz.p, sz.dh, sz.do, sz.dtype),
     )
 
 

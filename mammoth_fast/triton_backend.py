@@ -5,13 +5,18 @@
 
 each stage a ``torch.autograd.Function`` with its backward kernels when
 autograd must differentiate the call, the bare forward launchers otherwise.
-Only O(N * C + P * D) tensors are made or saved; the one N x H x P tensor is
-the dispatch weights, built when ``return_weights=True`` asks for them.
+Only tensors of O(N * (Din + C + D) + P * D) values are made or saved (for
+backward: the query's input and pre-norm rows, q, and under keep_slots=False
+the output); the one N x H x P tensor is the dispatch weights, built when
+``return_weights=True`` asks for them. Double backward is not supported: the
+Functions are once-differentiable and say so when asked for it.
 
 The slot keys K = slot_norm(slot_embeds) (H * P * dh values) and the dropout
 on Y (B * P * D values) are plain PyTorch: small, and differentiated by
 autograd. Slot dropout draws one seed per forward from torch's CPU generator;
 the kernels regenerate the keep-mask from it (``kernels/_slot_dropout.py``).
+The seed is a kernel argument fixed at launch: a captured CUDA graph would
+replay one mask, so do not capture training steps with slot_dropout > 0.
 """
 from __future__ import annotations
 
@@ -98,7 +103,8 @@ def dispatch_weights(q: Tensor, k: Tensor, lse: Tensor, mask: Optional[Tensor], 
     (the LSE carries no gradient)."""
     bsz, n, _ = q.shape
     h, p, _ = k.shape
-    logits = reference.routing_logits(q.to(k.dtype), k)  # (B, N, H, P)
+    with torch.autocast(q.device.type, enabled=False):  # logits in the LSE's precision
+        logits = reference.routing_logits(q.to(k.dtype), k)  # (B, N, H, P)
     keep = None if drop is None else slot_keep_mask(drop[0], drop[1], bsz, n, h, p, q.device)
     if mask is not None:
         pad_keep = mask[:, :, None, None].expand_as(logits)
