@@ -3,7 +3,8 @@
 Parameter and buffer names, shapes and initialization distributions equal
 those of the authors' ``mammoth-moe`` 0.1.2 (SPEC.md section 4), so state
 dicts load in both directions with ``strict=True``. The math lives in
-:mod:`mammoth_fast.reference` (eager backend) and in the Triton kernels.
+:mod:`mammoth_fast.reference` (eager backend), :mod:`mammoth_fast.sdpa_backend`
+(dispatch and combine as torch's scaled_dot_product_attention) and the Triton kernels.
 """
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import reference
+from . import reference, sdpa_backend
 from .reference import MammothParams
 
 logger = logging.getLogger("mammoth_fast")
 
-BACKENDS = ("auto", "eager", "triton")
+BACKENDS = ("auto", "eager", "sdpa", "triton")
 
 
 class LayerNorm(nn.Module):
@@ -109,8 +110,10 @@ class Mammoth(nn.Module):
     Same constructor keywords, defaults, attributes and state_dict as
     ``mammoth.Mammoth`` (mammoth-moe 0.1.2). Keyword-only extras:
 
-    backend:      'auto' (default: triton for CUDA tensors, eager otherwise),
-                  'eager' (the PyTorch reference) or 'triton'. Settable later.
+    backend:      'auto' (default: triton for CUDA tensors, sdpa otherwise),
+                  'eager' (the PyTorch reference), 'sdpa' (dispatch and combine as
+                  torch's scaled_dot_product_attention, O(N * C) memory) or
+                  'triton'. Settable later.
     check_finite: if True, every forward raises ValueError on NaN or Inf in
                   ``feats`` (a device sync); by default they propagate, as
                   through ``nn.Linear``.
@@ -248,9 +251,10 @@ class Mammoth(nn.Module):
         )
 
     def resolve_backend(self, feats: Tensor) -> str:
-        """The backend a forward on ``feats`` runs: 'auto' picks triton for CUDA tensors."""
+        """The backend a forward on ``feats`` runs: 'auto' picks triton for CUDA
+        tensors and sdpa otherwise."""
         if self.backend == "auto":
-            return "triton" if feats.is_cuda else "eager"
+            return "triton" if feats.is_cuda else "sdpa"
         return self.backend
 
     # ----------------------------------------------------------------- forward
@@ -334,6 +338,8 @@ class Mammoth(nn.Module):
             from . import triton_backend
 
             return triton_backend.forward(self, feats, mask, return_weights)
+        if backend == "sdpa":
+            return sdpa_backend.forward(self, feats, mask, return_weights)
         slot_keep, y_keep = self._draw_keep_masks(feats)
         out, inter = reference.forward(
             feats, self.params(), keep_slots=self.keep_slots, mask=mask, slot_keep=slot_keep,

@@ -132,7 +132,7 @@ def layer_config(layer):
 @pytest.mark.parametrize("keep_slots", [True, False])
 @pytest.mark.parametrize("use_layernorm", [True, False])
 def test_forward_matches_reference_fp32(size, n, keep_slots, use_layernorm):
-    layer = make_layer(size, seed=25, keep_slots=keep_slots, use_layernorm=use_layernorm)
+    layer = make_layer(size, seed=25, keep_slots=keep_slots, use_layernorm=use_layernorm, backend="eager")
     b = 1 if size == "recommended" else 2
     x = torch.randn(b, n, SIZES[size]["input_dim"], dtype=torch.float64)
     ref, ref_w = layer(x, return_weights=True)
@@ -145,7 +145,7 @@ def test_forward_matches_reference_fp32(size, n, keep_slots, use_layernorm):
 
 @pytest.mark.parametrize("share", [True, False])
 def test_forward_unbatched_noncontiguous_unshared(share):
-    layer = make_layer("odd", seed=26, share_lora_weights=share, keep_slots=False)
+    layer = make_layer("odd", seed=26, share_lora_weights=share, keep_slots=False, backend="eager")
     x = torch.randn(SIZES["odd"]["input_dim"], 50, dtype=torch.float64).T  # (N, Din), non-contiguous
     ref = layer(x)
     out = run_triton(layer, x)
@@ -155,7 +155,7 @@ def test_forward_unbatched_noncontiguous_unshared(share):
 
 @pytest.mark.parametrize("keep_slots", [True, False])
 def test_batch_equals_bags_one_at_a_time_and_mask_equals_unpadded(keep_slots):
-    layer = make_layer("small", seed=27, keep_slots=keep_slots)
+    layer = make_layer("small", seed=27, keep_slots=keep_slots, backend="eager")
     lengths = [70, 1, 33]
     x = torch.randn(3, 70, SIZES["small"]["input_dim"], dtype=torch.float64)
     mask = torch.arange(70)[None] < torch.tensor(lengths)[:, None]
@@ -176,7 +176,7 @@ def test_batch_equals_bags_one_at_a_time_and_mask_equals_unpadded(keep_slots):
 
 
 def test_peaked_logits_stay_finite():
-    layer = make_layer("small", seed=28, keep_slots=False)
+    layer = make_layer("small", seed=28, keep_slots=False, backend="eager")
     with torch.no_grad():
         layer.norm.gamma.fill_(30.0)
         layer.slot_norm.gamma.fill_(30.0)  # logits of order 1e4: a naive exp overflows
@@ -190,7 +190,7 @@ def test_peaked_logits_stay_finite():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("keep_slots", [True, False])
 def test_half_precision_within_twice_eager_error(dtype, keep_slots):
-    layer = make_layer("small", seed=29, keep_slots=keep_slots)
+    layer = make_layer("small", seed=29, keep_slots=keep_slots, backend="eager")
     x = torch.randn(2, 80, SIZES["small"]["input_dim"], dtype=torch.float64)
     ref = layer(x)
     eager = Mammoth(**layer_config(layer)).to(DEVICE, dtype).eval()
@@ -205,7 +205,7 @@ def test_half_precision_within_twice_eager_error(dtype, keep_slots):
 
 
 def test_autocast():
-    layer = make_layer("small", seed=30, keep_slots=False)
+    layer = make_layer("small", seed=30, keep_slots=False, backend="eager")
     x = torch.randn(2, 60, SIZES["small"]["input_dim"], dtype=torch.float64)
     ref = layer(x)
     half = torch.bfloat16
@@ -250,6 +250,6 @@ def test_cpu_tensor_without_interpreter_says_what_to_do(monkeypatch):
 def test_auto_backend_picks_triton_for_cuda_tensors_also_when_training():
     layer = make_layer("small").float().train()
     x = torch.randn(1, 5, SIZES["small"]["input_dim"])
-    assert layer.resolve_backend(x) == "eager"
+    assert layer.resolve_backend(x) == "sdpa"
     if torch.cuda.is_available():
         assert layer.resolve_backend(x.cuda()) == "triton"
