@@ -32,14 +32,7 @@ from einops import rearrange
 from torch import Tensor
 
 from . import reference
-
-
-def compute_dtype(feats: Tensor) -> torch.dtype:
-    """The input's dtype, or the autocast dtype inside ``torch.autocast``."""
-    dev = feats.device.type
-    if torch.is_autocast_enabled(dev) and feats.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return torch.get_autocast_dtype(dev)
-    return feats.dtype
+from .dtypes import compute_dtype
 
 
 def forward(layer, feats: Tensor, mask: Optional[Tensor], return_weights: bool):

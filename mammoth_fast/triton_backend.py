@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .dtypes import compute_dtype
 from .kernels import _launch
 from .kernels._slot_dropout import slot_keep_mask
 from .kernels.combine import CombineFunction, combine_forward
@@ -34,14 +35,6 @@ from .kernels.experts import ExpertsFunction, experts_forward
 from .kernels.query import QueryFunction, query_forward
 
 SEED_RANGE = 2**31 - 1
-
-
-def compute_dtype(feats: Tensor) -> torch.dtype:
-    """The input's dtype, or the autocast dtype inside ``torch.autocast``."""
-    dev = feats.device.type
-    if torch.is_autocast_enabled(dev) and feats.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return torch.get_autocast_dtype(dev)
-    return feats.dtype
 
 
 def needs_grad(layer, feats: Tensor) -> bool:

@@ -7,11 +7,9 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from conftest import SIZES, LargestTensor, make_layer, rel_err
+from conftest import LargestTensor, make_layer, rel_err
+from gradients import FP32_OUT_TOL, assert_close, layer_grads, random_batch, random_mask, reference_grads
 from mammoth_fast import Mammoth, reference
-
-FP32_OUT_TOL = 1e-5
-FP32_GRAD_TOL = 1e-4
 
 
 def sdpa_layer(ref: Mammoth, dtype=torch.float32) -> Mammoth:
@@ -19,55 +17,6 @@ def sdpa_layer(ref: Mammoth, dtype=torch.float32) -> Mammoth:
     layer = copy.deepcopy(ref).to(dtype)
     layer.backend = "sdpa"
     return layer
-
-
-def layer_grads(layer, x, dout, mask=None):
-    """out and the gradients of (x, every parameter), by name."""
-    x = x.to(layer.wq.weight.dtype).requires_grad_()
-    out = layer(x, mask=mask)
-    names, prms = zip(*layer.named_parameters())
-    grads = torch.autograd.grad(out, (x, *prms), dout.to(out.dtype))
-    return out.detach(), dict(zip(("x", *names), grads))
-
-
-def reference_grads(ref, x, dout, mask=None, slot_keep=None, y_keep=None):
-    """float64 autograd of reference.forward with explicit masks."""
-    x = x.detach().requires_grad_()
-    out = reference.forward(x, ref.params(), keep_slots=ref.keep_slots, mask=mask, slot_keep=slot_keep,
-                            y_keep=y_keep, dropout_p=ref.expert_heads.dropout.p)
-    names, prms = zip(*ref.named_parameters())
-    grads = torch.autograd.grad(out, (x, *prms), dout)
-    return out.detach(), dict(zip(("x", *names), grads))
-
-
-def grad_err(got, want) -> float:
-    """rel_err, or the plain norm where the reference gradient is exactly zero
-    (one patch: the dispatch weights are all 1 whatever the keys)."""
-    return rel_err(got, want) if want.norm() > 0 else got.detach().double().norm().item()
-
-
-def assert_close(got, want, out_tol=FP32_OUT_TOL, grad_tol=FP32_GRAD_TOL):
-    (out, grads), (out_ref, grads_ref) = got, want
-    assert torch.isfinite(out).all()
-    assert rel_err(out, out_ref) <= out_tol
-    assert grads.keys() == grads_ref.keys()
-    errs = {name: grad_err(grads[name], grads_ref[name]) for name in grads_ref}
-    bad = {name: err for name, err in errs.items() if not err <= grad_tol}
-    assert not bad, bad
-
-
-def random_batch(ref, b, n, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, n, ref.input_dim, generator=g, dtype=torch.float64)
-    out_n = ref.num_experts * ref.num_slots if ref.keep_slots else n
-    dout = torch.randn(b, out_n, ref.dim, generator=g, dtype=torch.float64)
-    return x, dout
-
-
-def random_mask(b, n, seed):
-    mask = torch.rand(b, n, generator=torch.Generator().manual_seed(seed)) > 0.3
-    mask[:, 0] = True  # no empty bag
-    return mask
 
 
 # ------------------------------------------------------------------ fp32 vs float64

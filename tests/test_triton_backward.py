@@ -6,7 +6,9 @@ tests run natively. (Query and experts backward: their own test files.)"""
 import pytest
 import torch
 
-from conftest import DEVICE, SIZES, LargestTensor, make_layer, rel_err
+from conftest import DEVICE, LargestTensor, make_layer, rel_err
+from gradients import (FP32_GRAD_TOL, FP32_OUT_TOL, assert_close, grad_err, layer_grads, random_batch,
+                       random_mask, reference_grads)
 from mammoth_fast import Mammoth, reference, triton_backend
 from mammoth_fast.kernels import combine as combine_mod
 from mammoth_fast.kernels import dispatch as dispatch_mod
@@ -15,16 +17,7 @@ from mammoth_fast.kernels._slot_dropout import slot_keep_mask
 from mammoth_fast.kernels.combine import combine
 from mammoth_fast.kernels.dispatch import dispatch
 
-FP32_GRAD_TOL = 1e-4
-FP32_OUT_TOL = 1e-5
 SEED = 987654  # the slot-dropout seed the tests pin
-
-
-def random_mask(b, n, seed):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(b, n, generator=g) > 0.3
-    mask[:, 0] = True  # no empty bag
-    return mask
 
 
 def keep_for(drop, b, n, h, p, mask=None):
@@ -51,12 +44,6 @@ def routing_inputs(b, n, h, p, dh, do, dtype=torch.float64, seed=0):
     k = torch.randn(h, p, dh, generator=g, dtype=torch.float64)
     y = torch.randn(b, p, h * do, generator=g, dtype=torch.float64)
     return q, k, y
-
-
-def grad_err(got, want) -> float:
-    """rel_err, or the plain norm where the reference gradient is exactly zero
-    (one patch: the dispatch weights are all 1 whatever the keys)."""
-    return rel_err(got, want) if want.norm() > 0 else got.detach().double().norm().item()
 
 
 def leaves(*tensors, dtype=torch.float64):
@@ -132,43 +119,6 @@ def ref_kwargs(ref: Mammoth) -> dict:
                 keep_slots=ref.keep_slots, share_lora_weights=ref.share_lora_weights,
                 use_layernorm=ref.use_layernorm, dropout=ref.expert_heads.dropout.p,
                 slot_dropout=ref.slot_dropout)
-
-
-def layer_grads(layer, x, dout, mask=None):
-    """out and the gradients of (x, every parameter), by name."""
-    x = x.to(DEVICE, layer.wq.weight.dtype).requires_grad_()
-    out = layer(x, mask=None if mask is None else mask.to(DEVICE))
-    names, prms = zip(*layer.named_parameters())
-    grads = torch.autograd.grad(out, (x, *prms), dout.to(DEVICE, out.dtype))
-    return out.detach(), dict(zip(("x", *names), grads))
-
-
-def reference_grads(ref, x, dout, mask=None, slot_keep=None, y_keep=None):
-    """float64 autograd of reference.forward with explicit masks."""
-    x = x.detach().requires_grad_()
-    out = reference.forward(x, ref.params(), keep_slots=ref.keep_slots, mask=mask, slot_keep=slot_keep,
-                            y_keep=y_keep, dropout_p=ref.expert_heads.dropout.p)
-    names, prms = zip(*ref.named_parameters())
-    grads = torch.autograd.grad(out, (x, *prms), dout)
-    return out.detach(), dict(zip(("x", *names), grads))
-
-
-def assert_close(got, want, out_tol=FP32_OUT_TOL, grad_tol=FP32_GRAD_TOL):
-    (out, grads), (out_ref, grads_ref) = got, want
-    assert torch.isfinite(out).all()
-    assert rel_err(out.cpu(), out_ref) <= out_tol
-    assert grads.keys() == grads_ref.keys()
-    errs = {name: grad_err(grads[name].cpu(), grads_ref[name]) for name in grads_ref}
-    bad = {name: err for name, err in errs.items() if not err <= grad_tol}
-    assert not bad, bad
-
-
-def random_batch(ref, b, n, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, n, ref.input_dim, generator=g, dtype=torch.float64)
-    out_n = ref.num_experts * ref.num_slots if ref.keep_slots else n
-    dout = torch.randn(b, out_n, ref.dim, generator=g, dtype=torch.float64)
-    return x, dout
 
 
 def test_gradcheck_whole_layer_float64(monkeypatch):
