@@ -9,8 +9,9 @@ setup(
     python_requires=">=3.9",
     # kernels/ ships inside the package namespace: a top-level `kernels`
     # module would clash with the PyPI package of that name.
-    packages=["mammoth_fast", "mammoth_fast.kernels"],
+    packages=["mammoth_fast", "mammoth_fast.kernels", "mammoth_fast.mil"],
     package_dir={"mammoth_fast": "mammoth_fast", "mammoth_fast.kernels": "kernels"},
+    package_data={"mammoth_fast.mil": ["configs/*.json"]},  # create_model's configs
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
