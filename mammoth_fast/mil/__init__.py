@@ -10,10 +10,16 @@ from .builder import (CONFIGS, ENCODER_DIMS, MODELS, create_model, load_checkpoi
                       parameter_table)
 from .clam import CLAMSB
 from .dsmil import DSMIL
+from .dtfd import DTFDMIL
+from .ilra import ILRA
 from .pooling import MaxMIL, MeanMIL
+from .rrt import RRTMIL
+from .transformer import TransformerMIL
 from .transmil import TransMIL
+from .wikg import WiKG
 
 __all__ = [
-    "ABMIL", "CLAMSB", "CONFIGS", "DSMIL", "ENCODER_DIMS", "MILModel", "MODELS", "MaxMIL", "MeanMIL", "TransMIL",
-    "create_model", "load_checkpoint", "model_names", "parameter_counts", "parameter_table",
+    "ABMIL", "CLAMSB", "CONFIGS", "DSMIL", "DTFDMIL", "ENCODER_DIMS", "ILRA", "MILModel", "MODELS", "MaxMIL",
+    "MeanMIL", "RRTMIL", "TransMIL", "TransformerMIL", "WiKG", "create_model", "load_checkpoint", "model_names",
+    "parameter_counts", "parameter_table",
 ]

@@ -38,6 +38,16 @@ def masked_softmax(scores: Tensor, mask: Optional[Tensor], dim: int) -> Tensor:
     return scores.softmax(dim)
 
 
+def safe_masked_softmax(scores: Tensor, mask: Tensor, dim: int) -> Tensor:
+    """masked_softmax that gives all-zero weights (and zero gradients) where
+    every entry along ``dim`` is masked, e.g. a region or pseudo-bag holding no
+    real token, instead of NaN. ``scores`` and ``mask`` broadcast together."""
+    scores, mask = torch.broadcast_tensors(scores, mask)
+    empty = ~mask.any(dim=dim, keepdim=True)
+    weights = scores.masked_fill(~mask, float("-inf")).masked_fill(empty, 0.0).softmax(dim)
+    return weights.masked_fill(empty, 0.0)
+
+
 class MILModel(nn.Module):
     """Base of the MIL models: ``patch_embed`` then the subclass's aggregator.
 

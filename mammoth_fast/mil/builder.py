@@ -17,10 +17,16 @@ from .abmil import ABMIL
 from .base import MILModel
 from .clam import CLAMSB
 from .dsmil import DSMIL
+from .dtfd import DTFDMIL
+from .ilra import ILRA
 from .pooling import MaxMIL, MeanMIL
+from .rrt import RRTMIL
+from .transformer import TransformerMIL
 from .transmil import TransMIL
+from .wikg import WiKG
 
-MODELS = {"abmil": ABMIL, "clam": CLAMSB, "dsmil": DSMIL, "transmil": TransMIL, "meanmil": MeanMIL, "maxmil": MaxMIL}
+MODELS = {"abmil": ABMIL, "clam": CLAMSB, "dsmil": DSMIL, "transmil": TransMIL, "meanmil": MeanMIL, "maxmil": MaxMIL,
+          "transformer": TransformerMIL, "ilra": ILRA, "rrt": RRTMIL, "wikg": WiKG, "dftd": DTFDMIL}
 CONFIGS = ("base", "base_mammoth")
 ENCODER_DIMS = {
     "uni": 1024, "uni_v2": 1536, "conch_v1": 512, "conch_v15": 768, "ctranspath": 768, "gigapath": 1536,
