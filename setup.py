@@ -18,7 +18,7 @@ setup(
         "einops>=0.7",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "mammoth-moe==0.1.2", "numpy"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "mammoth-moe==0.1.2", "numpy", "matplotlib"],
         "bench": ["pytest-benchmark>=4", "mammoth-moe==0.1.2", "matplotlib", "numpy"],
     },
 )

@@ -1,0 +1,93 @@
+"""The triton backend's kernel launchers as zero-argument callables, for timing.
+
+``build_cases(n, dtype, device)`` runs the forward chain once to make
+realistic inputs (q, K, Z, LSEs, Y, out) for one bag of ``n`` patches at the
+recommended sizes, then returns one ``LauncherCase`` per launcher: the query,
+dispatch, experts and combine forward and backward launchers. bf16 is set up
+as under autocast: features, q and y in bf16, parameters in fp32. Each case
+names the kernels of ``benchmarks.roofline`` it runs, so its time can be set
+against their floor. Used by ``benchmarks/test_kernels_bench.py``
+(pytest-benchmark) and ``python -m benchmarks.run`` on a CUDA GPU; on CPU the
+launchers run only under the Triton interpreter (TRITON_INTERPRET=1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Tuple
+
+import torch
+
+from .roofline import RECOMMENDED, Sizes
+
+
+@dataclass(frozen=True)
+class LauncherCase:
+    name: str
+    fn: Callable[[], object]
+    kernels: Tuple[str, ...]  # names in benchmarks.roofline.mammoth_kernels(..., keep_slots=False)
+
+
+CASE_NAMES = ("query_fwd", "query_fwd_train", "dispatch_fwd", "experts_fwd", "combine_fwd",
+              "query_bwd", "dispatch_bwd", "experts_bwd", "combine_bwd")
+
+
+def build_cases(n: int, dtype: torch.dtype, device, sz: Sizes = RECOMMENDED, seed: int = 0) -> Dict[str, LauncherCase]:
+    from mammoth_fast import Mammoth, reference
+    from mammoth_fast.kernels._launch import acc_dtype
+    from mammoth_fast.kernels.combine import combine_backward, combine_forward
+    from mammoth_fast.kernels.dispatch import dispatch_backward, dispatch_forward
+    from mammoth_fast.kernels.experts import experts_backward, experts_forward
+    from mammoth_fast.kernels.query import query_forward, query_norm_backward
+
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    layer = Mammoth(sz.din, sz.d, num_experts=sz.e, num_slots=sz.s, num_heads=sz.h, slot_dim=sz.c,
+                    device=device).eval()
+    with torch.no_grad():
+        prm = layer.params()
+        acc = acc_dtype(dtype)
+        bn = sz.b * n
+        x = torch.randn(bn, sz.din, device=device, dtype=dtype)
+        w = prm.wq_weight.to(dtype)  # the backend casts Wq to the compute dtype
+        qargs = (x, w, prm.wq_bias, prm.norm_gamma, prm.norm_beta, prm.use_layernorm)
+        y_pre = torch.empty(bn, sz.c, device=device, dtype=dtype)
+        q, mean, rstd = query_forward(*qargs, y_out=y_pre)
+        q3 = q.view(sz.b, n, sz.c)
+        k = reference.slot_keys(prm, acc).contiguous()
+        lora = (prm.shared_weight, prm.shared_bias, prm.expert_weights, prm.expert_bias, prm.expert_gamma)
+        z, lse_d = dispatch_forward(q3, k, None)
+        y, inv_norm = experts_forward(z, *lora)
+        out, lse_c = combine_forward(q3, k, y, None, dtype)
+        dq_in = torch.randn_like(q)  # gradient of q, as autograd hands it to the query backward
+        dz = torch.randn_like(z)
+        dy = torch.randn_like(y)
+        dout = torch.randn_like(out)
+
+    def query_bwd():  # QueryFunction.backward without dx: the features need no gradient in MIL training
+        dy_pre, dgamma = query_norm_backward(dq_in, y_pre, mean, rstd, prm.norm_gamma, prm.use_layernorm, True, True)
+        dw = (dy_pre.t() @ x).to(prm.wq_weight.dtype)
+        db = dy_pre.sum(0, dtype=acc).to(prm.wq_bias.dtype)
+        return dw, db, dgamma
+
+    cases = [
+        ("query_fwd", lambda: query_forward(*qargs), ("query fwd",)),
+        ("query_fwd_train", lambda: query_forward(*qargs, y_out=y_pre), ("query fwd (+y)",)),
+        ("dispatch_fwd", lambda: dispatch_forward(q3, k, None), ("dispatch fwd partial", "dispatch fwd merge")),
+        ("experts_fwd", lambda: experts_forward(z, *lora), ("experts fwd",)),
+        ("combine_fwd", lambda: combine_forward(q3, k, y, None, dtype), ("combine fwd",)),
+        ("query_bwd", query_bwd, ("query norm bwd", "query dW GEMM", "query db (dy.sum)")),
+        ("dispatch_bwd", lambda: dispatch_backward(dz, q3, k, z, lse_d, None, None, True, True),
+         ("dispatch bwd dq", "dispatch bwd dK")),
+        ("experts_bwd", lambda: experts_backward(dy, z, *lora, inv_norm, True, True), ("experts bwd",)),
+        ("combine_bwd", lambda: combine_backward(dout, q3, k, y, out, lse_c, None, None, True, True, True),
+         ("combine bwd dq (+delta_c)", "combine bwd dK/dY")),
+    ]
+    assert tuple(c[0] for c in cases) == CASE_NAMES
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                return fn()
+        return run
+
+    return {name: LauncherCase(name, no_grad(fn), kernels) for name, fn, kernels in cases}

@@ -1,0 +1,482 @@
+"""Roofline of the triton backend's kernels, and of nn.Linear(1024, 512), on an H100 SXM.
+
+    python -m benchmarks.roofline [--n 100000] [--dtype bf16 fp32] [--keep-slots both] [--tf32]
+    python -m benchmarks.roofline --write benchmarks/ROOFLINE.md      (the document, N = 100k)
+
+Per kernel, at the benchmark sizes (Din 1024, D 512, C 256, H 16, E 30, S 10,
+auto rank 17, one bag of N patches) and compute dtype:
+
+- FLOPs: matmul FLOPs only, 2 * M * N * K per product (element-wise work is
+  not counted);
+- exponentials (exp2 on the SFU), counted apart from the FLOPs;
+- bytes: the minimum, each input read once and each output written once, in
+  the dtype the launcher gives it: feats, Wq, q, y, dq, dy, out and dO in the
+  compute dtype; K, Z, Y, dZ, LSEs, deltas, row statistics and per-program
+  partials in fp32 (the accumulator dtype); parameters in fp32 (bf16 runs
+  under autocast with fp32 parameters, as the benchmark and the compile check
+  do).
+
+floor = max(bytes / bandwidth, FLOPs / matmul rate, exps / SFU rate). The
+"tile" columns count the FLOPs and exponentials the kernels really issue on
+their padded tiles (block sizes from the launchers' ``*_meta`` functions):
+padded slots cost exponentials too.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from mammoth_fast.kernels.combine import combine_dkdy_meta, combine_dq_meta, combine_meta
+from mammoth_fast.kernels.dispatch import dispatch_dq_meta, dispatch_meta
+from mammoth_fast.kernels.experts import experts_bwd_meta, experts_meta
+from mammoth_fast.kernels.query import query_meta, query_norm_bwd_meta
+from mammoth_fast.reference import auto_rank
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ACC_BYTES = 4  # fp32 accumulators, statistics, partials
+PARAM_BYTES = 4  # fp32 parameters (bf16 runs under autocast)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The layer's sizes (SPEC section 1) on ``b`` bags; the rank from auto_rank."""
+
+    din: int = 1024
+    d: int = 512
+    c: int = 256
+    h: int = 16
+    e: int = 30
+    s: int = 10
+    b: int = 1
+
+    @property
+    def r(self) -> int:
+        return auto_rank(self.din, self.c, self.d, self.e)
+
+    @property
+    def dh(self) -> int:
+        return self.c // self.h
+
+    @property
+    def do(self) -> int:
+        return self.d // self.h
+
+    @property
+    def p(self) -> int:
+        return self.e * self.s
+
+
+RECOMMENDED = Sizes()
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Peak rates used for the floors."""
+
+    name: str
+    bytes_per_s: float  # HBM bandwidth reached by a streaming kernel
+    tensor_flops: float  # dense bf16/fp16 tensor-core matmul
+    tf32_flops: float  # dense TF32 tensor-core matmul
+    fp32_flops: float  # fp32 FMA (non-tensor): IEEE fp32 dots and SGEMM
+    sfu_per_s: float  # exp2 (MUFU.EX2) results per second
+    sm_count: int
+    source: str
+
+
+H100 = Machine(
+    name="NVIDIA H100 SXM5 80 GB",
+    bytes_per_s=3.0e12,
+    tensor_flops=800e12,
+    tf32_flops=400e12,
+    fp32_flops=67e12,
+    sfu_per_s=16 * 132 * 1.83e9,
+    sm_count=132,
+    source=(
+        "HBM3 3.35 TB/s on the datasheet, 3.0 TB/s taken as what a streaming kernel reaches; "
+        "bf16 dense tensor cores 989 TFLOP/s on the datasheet, 800 TFLOP/s taken as reachable; "
+        "TF32 dense 495 on the datasheet, 400 taken; fp32 FMA (non-tensor) 67 TFLOP/s; "
+        "exp2: 16 results per clock per SM on compute capability 9.0 (CUDA C++ Programming Guide, "
+        "throughput of native arithmetic instructions) x 132 SMs x ~1.83 GHz (sustained; 1.98 GHz "
+        "max boost), in line with the '3.9 TFLOPS of special functions' of the H100 SXM5 in the "
+        "FlashAttention-3 paper"
+    ),
+)
+
+
+@dataclass(frozen=True)
+class KernelCost:
+    """One kernel (or library call, or torch op) of a forward or backward pass."""
+
+    name: str
+    stage: str  # "fwd" or "bwd"
+    runs_on: str  # "triton", "cuBLAS" or "torch"
+    dot: str  # matmul rate: "tensor", "tf32", "fp32", or "none"
+    flops: float  # matmul FLOPs, the minimum
+    exps: float  # exponentials, the minimum
+    bytes: float  # minimum bytes
+    tile_flops: float  # matmul FLOPs on the padded tiles the kernel issues
+    tile_exps: float  # exponentials on the padded tiles
+    chains: Tuple[str, ...] = ("train",)  # "infer" (forward, no grad), "train" (forward+backward)
+    note: str = ""
+
+    def times(self, m: Machine, tile: bool = False) -> Dict[str, float]:
+        rate = {"tensor": m.tensor_flops, "tf32": m.tf32_flops, "fp32": m.fp32_flops, "none": math.inf}[self.dot]
+        flops = self.tile_flops if tile else self.flops
+        exps = self.tile_exps if tile else self.exps
+        return {"memory": self.bytes / m.bytes_per_s, "matmul": flops / rate, "exp": exps / m.sfu_per_s}
+
+    def floor(self, m: Machine, tile: bool = False) -> float:
+        return max(self.times(m, tile).values())
+
+    def bound(self, m: Machine) -> str:
+        t = self.times(m)
+        return max(t, key=t.get)
+
+
+def _pad(x: int, block: int) -> int:
+    return -(-x // block) * block
+
+
+def _dot_kind(dtype: torch.dtype, tf32: bool) -> str:
+    if dtype.itemsize <= 2:
+        return "tensor"
+    return "tf32" if tf32 else "fp32"
+
+
+def mammoth_kernels(n: int, dtype: torch.dtype, keep_slots: bool, sz: Sizes = RECOMMENDED,
+                    m: Machine = H100, tf32: bool = False, need_dx: bool = False) -> List[KernelCost]:
+    """The kernels of the triton backend for one bag set of ``sz.b`` bags of ``n``
+    patches computing in ``dtype``, in the order they run. ``need_dx``: whether
+    feats need a gradient (not in MIL training: the features are fixed)."""
+    s, f, pf = dtype.itemsize, ACC_BYTES, PARAM_BYTES
+    b, h, p, dh, do, c, din, d, r, e = sz.b, sz.h, sz.p, sz.dh, sz.do, sz.c, sz.din, sz.d, sz.r, sz.e
+    bn = b * n  # patches over all bags
+    bhp = b * h * p  # slot rows over all bags and heads
+    dot = _dot_kind(dtype, tf32)
+    acc_dot = _dot_kind(torch.float32, tf32)  # the experts work in fp32 (Z, Y in the accumulator dtype)
+    k_bytes = h * p * dh * f  # slot keys K, fp32
+    z_bytes = bhp * dh * f  # Z, dZ
+    y_bytes = b * p * d * f  # Y, dY, fp32
+    lse_d = bhp * f  # dispatch LSE, delta_d
+    nh = bn * h * f  # combine LSE, delta_c
+    out = []
+
+    # --- query: q = norm(x @ Wq^T + bq); the training forward also stores y
+    qm = query_meta(bn, din, c, dtype)
+    q_tile = 2 * _pad(bn, qm["BLOCK_M"]) * _pad(c, qm["BLOCK_C"]) * din
+    q_in = bn * din * s + c * din * s + 3 * c * pf  # x, Wq (cast to the compute dtype), bias, gamma, beta
+    q_out = bn * c * s + 2 * bn * f  # q, mean, rstd
+    out.append(KernelCost("query fwd", "fwd", "triton", dot, 2 * bn * c * din, 0, q_in + q_out, q_tile, 0,
+                          chains=("infer",), note="inference: no y stored"))
+    out.append(KernelCost("query fwd (+y)", "fwd", "triton", dot, 2 * bn * c * din, 0, q_in + q_out + bn * c * s,
+                          q_tile, 0, note="training: also writes the pre-norm y for the backward"))
+
+    # --- dispatch: split-N partials, then the log-sum-exp merge
+    dm = dispatch_meta(n, p, dh, b * h, dtype, m.sm_count)
+    ns, bp, bnk = dm["n_splits"], dm["BLOCK_P"], dm["BLOCK_N"]
+    p_pad, n_pad, tiles = _pad(p, bp), _pad(n, bnk), -(-n // bnk)
+    parts = b * h * ns * p * (2 + dh) * f  # m, l, acc partials
+    out.append(KernelCost(
+        "dispatch fwd partial", "fwd", "triton", dot, 4 * bn * h * p * dh, bn * h * p,
+        bn * c * s + k_bytes + parts, 4 * b * h * p_pad * n_pad * dh, b * h * p_pad * (n_pad + tiles),
+        chains=("infer", "train"),
+        note=f"{ns} n-chunks, {bp} x {bnk} tiles: {p_pad} slots computed for {p}"))
+    out.append(KernelCost(
+        "dispatch fwd merge", "fwd", "triton", "none", 0, bhp * (ns + 1), parts + z_bytes + lse_d, 0,
+        b * h * p_pad * (ns + 1), chains=("infer", "train")))
+
+    # --- experts: two sweeps over the heads (norm, then output)
+    em = experts_meta(sz.s, dh, r, do)
+    eprog = -(-sz.s // em["BLOCK_S"]) * e * b
+    e_pair = 2 * em["BLOCK_S"] * (em["BLOCK_DH"] * em["BLOCK_R"] + em["BLOCK_R"] * em["BLOCK_DO"])  # per head
+    lora_bytes = (h * dh * r + h * r + e * h * r * do + e * h * do + e * d) * pf
+    out.append(KernelCost(
+        "experts fwd", "fwd", "triton", acc_dot, 2 * b * p * h * (dh * r + r * do), 0,
+        z_bytes + lora_bytes + y_bytes + b * p * f, 2 * eprog * h * e_pair, 0, chains=("infer", "train"),
+        note="v computed in both sweeps"))
+
+    # --- combine (keep_slots=False)
+    if not keep_slots:
+        cm = combine_meta(n, p, dh, do, dtype)
+        cp_pad, cn_pad = _pad(p, cm["BLOCK_P"]), _pad(n, cm["BLOCK_N"])
+        out.append(KernelCost(
+            "combine fwd", "fwd", "triton", dot, 2 * bn * h * p * (dh + do), bn * h * p,
+            bn * c * s + k_bytes + y_bytes + bn * d * s + nh,
+            2 * b * h * cp_pad * cn_pad * (dh + do), b * h * cn_pad * (cp_pad + cp_pad // cm["BLOCK_P"]),
+            chains=("infer", "train"), note=f"{cm['BLOCK_N']} x {cm['BLOCK_P']} tiles: {cp_pad} slots for {p}"))
+
+    # small torch ops of the forward: Wq cast (bf16), slot keys, and Y's cast with keep_slots
+    small_fwd = k_bytes * 2 + (c * din * (4 + s) if s < 4 else 0) + (y_bytes + b * p * d * s if keep_slots and s < 4 else 0)
+    out.append(KernelCost("small torch ops (fwd)", "fwd", "torch", "none", 0, 0, small_fwd, 0, 0,
+                          chains=("infer", "train"), note="Wq cast, slot keys, casts of Y"))
+
+    # ================================================================ backward
+    if not keep_slots:
+        cq = combine_dq_meta(n, p, dh, do, dtype)
+        qp_pad_c, qn_pad_c = _pad(p, cq["BLOCK_P"]), _pad(n, cq["BLOCK_N"])
+        out.append(KernelCost(
+            "combine bwd dq (+delta_c)", "bwd", "triton", dot, 2 * bn * h * p * (2 * dh + do), bn * h * p,
+            bn * c * s + 2 * bn * d * s + nh + k_bytes + y_bytes + bn * c * s + nh,
+            2 * b * h * qp_pad_c * qn_pad_c * (2 * dh + do), b * h * qp_pad_c * qn_pad_c,
+            note="reads q, dO, out, LSE, K, Y; writes dq, delta_c"))
+        ck = combine_dkdy_meta(n, p, dh, do, b * h, dtype, m.sm_count)
+        kp_pad, kn_pad = _pad(p, ck["BLOCK_P"]), _pad(n, ck["BLOCK_N"])
+        out.append(KernelCost(
+            "combine bwd dK/dY", "bwd", "triton", dot, 2 * bn * h * p * (2 * dh + 2 * do), bn * h * p,
+            bn * c * s + bn * d * s + 2 * nh + k_bytes + y_bytes + b * h * ck["n_splits"] * p * (dh + do) * f,
+            2 * b * h * kp_pad * kn_pad * (2 * dh + 2 * do), b * h * kp_pad * kn_pad,
+            note=f"{ck['n_splits']} n-chunks of partials"))
+
+    ebm = experts_bwd_meta(sz.s, dh, r, do)
+    ebprog = -(-sz.s // ebm["BLOCK_S"]) * e * b
+    eb_pair = 2 * ebm["BLOCK_S"] * (ebm["BLOCK_DH"] * ebm["BLOCK_R"] + ebm["BLOCK_R"] * ebm["BLOCK_DO"])
+    eparts = ebprog * (h * dh * r + h * r + h * r * do + 2 * d) * f
+    out.append(KernelCost(
+        "experts bwd", "bwd", "triton", acc_dot, 2 * b * p * h * 2 * (dh * r + r * do), 0,
+        z_bytes + lora_bytes + b * p * f + y_bytes + z_bytes + eparts, ebprog * h * (2 * e_pair + 2 * eb_pair), 0,
+        note="minimum: the four backward products; the kernel also recomputes v twice"))
+
+    dq_meta = dispatch_dq_meta(n, p, dh, dtype)
+    qp_pad, qn_pad = _pad(p, dq_meta["BLOCK_P"]), _pad(n, dq_meta["BLOCK_N"])
+    out.append(KernelCost(
+        "dispatch bwd dq", "bwd", "triton", dot, 8 * bn * h * p * dh, bn * h * p,
+        bn * c * s + k_bytes + z_bytes + 2 * lse_d + bn * c * s,
+        8 * b * h * qp_pad * qn_pad * dh, b * h * qp_pad * qn_pad))
+    out.append(KernelCost(
+        "dispatch bwd dK", "bwd", "triton", dot, 6 * bn * h * p * dh, bn * h * p,
+        bn * c * s + k_bytes + z_bytes + 2 * lse_d + b * h * ns * p * dh * f,
+        6 * b * h * p_pad * n_pad * dh, b * h * p_pad * n_pad, note=f"{ns} n-chunks of partials"))
+    if not keep_slots:
+        out.append(KernelCost("autograd dq add", "bwd", "torch", "none", 0, 0, 3 * bn * c * s, 0, 0,
+                              note="dq of dispatch + dq of combine, summed by autograd"))
+
+    nbm = query_norm_bwd_meta(c)
+    ngrid = -(-bn // nbm["BLOCK_M"])
+    out.append(KernelCost("query norm bwd", "bwd", "triton", "none", 0, 0,
+                          bn * c * s * 2 + 2 * bn * f + c * pf + bn * c * s + ngrid * c * f, 0, 0,
+                          note="dq, y, mean, rstd -> dy, dgamma partials"))
+    if need_dx:
+        out.append(KernelCost("query dx GEMM", "bwd", "cuBLAS", dot, 2 * bn * c * din, 0,
+                              bn * c * s + c * din * s + bn * din * s, 2 * bn * c * din, 0))
+    out.append(KernelCost("query dW GEMM", "bwd", "cuBLAS", dot, 2 * bn * c * din, 0,
+                          bn * c * s + bn * din * s + c * din * s, 2 * bn * c * din, 0))
+    out.append(KernelCost("query db (dy.sum)", "bwd", "torch", "none", 0, 0, bn * c * s + c * f, 0, 0))
+    # small torch ops of the backward: delta_d, partial sums (dK, dY, expert params, dgamma), casts
+    small_bwd = (2 * z_bytes + lse_d + b * h * ns * p * dh * f + eparts + ngrid * c * f
+                 + (c * din * (s + 4) if s < 4 else 0) + (y_bytes + b * p * d * s if keep_slots and s < 4 else 0))
+    if not keep_slots:
+        small_bwd += b * h * ck["n_splits"] * p * (dh + do) * f + 2 * y_bytes
+    out.append(KernelCost("small torch ops (bwd)", "bwd", "torch", "none", 0, 0, small_bwd, 0, 0,
+                          note="delta_d, sums of partials, casts"))
+    return out
+
+
+def linear_kernels(n: int, dtype: torch.dtype, sz: Sizes = RECOMMENDED, tf32: bool = False,
+                   need_dx: bool = False) -> List[KernelCost]:
+    """nn.Linear(din, d) on ``sz.b`` bags of ``n`` patches (bf16 under autocast)."""
+    s, bn, din, d = dtype.itemsize, sz.b * n, sz.din, sz.d
+    dot = _dot_kind(dtype, tf32)
+    fl = 2 * bn * din * d
+    out = [
+        KernelCost("linear fwd GEMM", "fwd", "cuBLAS", dot, fl, 0, bn * din * s + din * d * s + d * s + bn * d * s,
+                   fl, 0, chains=("infer", "train")),
+        KernelCost("linear dW GEMM", "bwd", "cuBLAS", dot, fl, 0, bn * d * s + bn * din * s + din * d * s, fl, 0),
+        KernelCost("linear db (dO.sum)", "bwd", "torch", "none", 0, 0, bn * d * s + d * ACC_BYTES, 0, 0),
+    ]
+    if need_dx:
+        out.append(KernelCost("linear dx GEMM", "bwd", "cuBLAS", dot, fl, 0, bn * d * s + din * d * s + bn * din * s,
+                              fl, 0))
+    return out
+
+
+def chain_floor(kernels: Iterable[KernelCost], chain: str, m: Machine = H100, tile: bool = False) -> float:
+    """Sum of the floors of the kernels a pass runs, one after another (seconds)."""
+    return sum(k.floor(m, tile) for k in kernels if chain in k.chains)
+
+
+def launcher_floor(kernels: Sequence[KernelCost], names: Sequence[str], m: Machine = H100) -> float:
+    """Sum of the floors of the named kernels (what one launcher runs), seconds."""
+    by_name = {k.name: k for k in kernels}
+    missing = [nm for nm in names if nm not in by_name]
+    if missing:
+        raise KeyError(f"roofline: no kernel named {missing}; have {sorted(by_name)}")
+    return sum(by_name[nm].floor(m) for nm in names)
+
+
+# ------------------------------------------------------------------ reporting
+def _us(t: float) -> str:
+    return f"{t * 1e6:.1f}"
+
+
+def kernel_table(kernels: Sequence[KernelCost], m: Machine = H100) -> str:
+    rows = ["| kernel | runs on | GFLOP | M exp | MB | t mem µs | t matmul µs | t exp µs | floor µs | bound "
+            "| tile floor µs | note |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|---|--:|---|"]
+    for k in kernels:
+        t = k.times(m)
+        rows.append(
+            f"| {k.name} | {k.runs_on} | {k.flops / 1e9:.2f} | {k.exps / 1e6:.1f} | {k.bytes / 1e6:.1f} "
+            f"| {_us(t['memory'])} | {_us(t['matmul'])} | {_us(t['exp'])} | **{_us(k.floor(m))}** | {k.bound(m)} "
+            f"| {_us(k.floor(m, tile=True))} | {k.note} |")
+    return "\n".join(rows)
+
+
+def totals(n: int, dtype: torch.dtype, keep_slots: bool, sz: Sizes = RECOMMENDED, m: Machine = H100,
+           tf32: bool = False) -> Dict[str, float]:
+    """Floors (seconds) of Mammoth's and nn.Linear's inference forward and training step."""
+    mk = mammoth_kernels(n, dtype, keep_slots, sz, m, tf32)
+    lk = linear_kernels(n, dtype, sz, tf32)
+    return {
+        "mammoth_fwd": chain_floor(mk, "infer", m), "mammoth_train": chain_floor(mk, "train", m),
+        "mammoth_fwd_tile": chain_floor(mk, "infer", m, tile=True),
+        "mammoth_train_tile": chain_floor(mk, "train", m, tile=True),
+        "linear_fwd": chain_floor(lk, "infer", m), "linear_train": chain_floor(lk, "train", m),
+    }
+
+
+def totals_table(n: int, dtype: torch.dtype, keep_slots: bool, sz: Sizes = RECOMMENDED, m: Machine = H100,
+                 tf32: bool = False) -> str:
+    t = totals(n, dtype, keep_slots, sz, m, tf32)
+    return "\n".join([
+        "| pass | Mammoth floor µs | tile floor µs | nn.Linear floor µs | Mammoth / Linear |",
+        "|---|--:|--:|--:|--:|",
+        f"| forward (inference) | {_us(t['mammoth_fwd'])} | {_us(t['mammoth_fwd_tile'])} | {_us(t['linear_fwd'])} "
+        f"| {t['mammoth_fwd'] / t['linear_fwd']:.2f}x |",
+        f"| forward+backward (training) | {_us(t['mammoth_train'])} | {_us(t['mammoth_train_tile'])} "
+        f"| {_us(t['linear_train'])} | {t['mammoth_train'] / t['linear_train']:.2f}x |",
+    ])
+
+
+def report(n: int, dtypes: Sequence[str], keep_slots: Sequence[bool], sz: Sizes = RECOMMENDED, m: Machine = H100,
+           tf32: bool = False) -> str:
+    parts = []
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        lk = linear_kernels(n, dtype, sz, tf32)
+        parts.append(f"### nn.Linear({sz.din}, {sz.d}), {dname}, N = {n:,}\n\n{kernel_table(lk, m)}\n")
+        for ks in keep_slots:
+            mk = mammoth_kernels(n, dtype, ks, sz, m, tf32)
+            parts.append(f"### Mammoth, {dname}, keep_slots={ks}, N = {n:,}\n\n{kernel_table(mk, m)}\n\n"
+                         f"{totals_table(n, dtype, ks, sz, m, tf32)}\n")
+    return "\n".join(parts)
+
+
+def _by_name(kernels: Sequence[KernelCost]) -> Dict[str, KernelCost]:
+    return {k.name: k for k in kernels}
+
+
+def document(n: int = 100_000, sz: Sizes = RECOMMENDED, m: Machine = H100) -> str:
+    """ROOFLINE.md: every number below is computed here."""
+    bf, fp = DTYPES["bf16"], DTYPES["fp32"]
+    kb = _by_name(mammoth_kernels(n, bf, False, sz, m))
+    kbt = _by_name(mammoth_kernels(n, bf, True, sz, m))
+    kf = _by_name(mammoth_kernels(n, fp, True, sz, m))
+    lb = _by_name(linear_kernels(n, bf, sz))
+    tb_t, tb_f = totals(n, bf, True, sz, m), totals(n, bf, False, sz, m)
+    tf_t, tf_f = totals(n, fp, True, sz, m), totals(n, fp, False, sz, m)
+    tf32_t = totals(n, fp, True, sz, m, tf32=True)
+    disp = kb["dispatch fwd partial"]
+    dt = disp.times(m)
+    q = kbt["query fwd (+y)"]
+    dm = dispatch_meta(n, sz.p, sz.dh, sz.b * sz.h, bf, m.sm_count)
+    dqm = dispatch_dq_meta(n, sz.p, sz.dh, bf)
+    assert dqm["BLOCK_P"] == combine_meta(n, sz.p, sz.dh, sz.do, bf)["BLOCK_P"] == \
+        combine_dq_meta(n, sz.p, sz.dh, sz.do, bf)["BLOCK_P"]
+    exp_kernels = [k for k in kb.values() if k.exps and k.bound(m) == "exp"]
+    exp_share_t = sum(k.floor(m) for k in kbt.values() if k.exps and k.bound(m) == "exp") / tb_t["mammoth_train"]
+    exp_share_f = sum(k.floor(m) for k in exp_kernels) / tb_f["mammoth_train"]
+    fdisp = kf["dispatch fwd partial"]
+    lin = lb["linear fwd GEMM"]
+    return f"""# Roofline of the triton backend (H100 SXM)
+
+Generated by `python -m benchmarks.roofline --write benchmarks/ROOFLINE.md`
+(`benchmarks/roofline.py`): every number in this file is computed by that
+module. **GPU measurements are pending**: the session that wrote this had no
+GPU. On a CUDA machine, `python -m benchmarks.run` times each kernel launcher
+and prints its time as a multiple of the floor below.
+
+Sizes: Din {sz.din}, D {sz.d}, C {sz.c}, H {sz.h} (dh {sz.dh}, do {sz.do}), E {sz.e}, S {sz.s}
+(P {sz.p}), auto rank {sz.r}, one bag of N = {n:,} patches. bf16 means autocast: features,
+q, y and their gradients in bf16, parameters, K, Z, Y, LSEs and partials in fp32.
+The feature gradient is not computed (MIL features are fixed), so the query's dx
+GEMM and nn.Linear's dx GEMM are left out of both sides.
+
+## Model
+
+- FLOPs: matmul FLOPs only, 2 x M x N x K per product.
+- Exponentials: counted apart, they run on the SFU (exp2, MUFU.EX2), not on the tensor cores.
+- Bytes: the minimum, each input read once and each output written once, in the dtype the
+  launcher gives it (per-program partials included, as the launchers allocate them).
+- floor = max(bytes / {m.bytes_per_s / 1e12:.1f} TB/s, FLOPs / matmul rate, exps / {m.sfu_per_s / 1e12:.2f}e12 exp2 per s),
+  matmul rate {m.tensor_flops / 1e12:.0f} TFLOP/s for bf16 tensor-core dots, {m.fp32_flops / 1e12:.0f} TFLOP/s for
+  fp32 (IEEE dots are FMA loops; torch's default keeps TF32 off), {m.tf32_flops / 1e12:.0f} TFLOP/s with TF32.
+- Sources and assumptions: {m.source}.
+- "tile floor": the same with the FLOPs and exponentials the kernels issue on their padded tiles.
+- A pass's floor is the sum of its kernels' floors (they run one after another). Launch
+  overhead (a few µs per launch) is not modeled: it dominates the experts kernels and the
+  small torch ops, whose floors are below a microsecond.
+
+## Where the time should go (N = {n:,})
+
+- **nn.Linear(1024, 512)** is compute-bound on the tensor cores in bf16: {lin.flops / 1e9:.0f} GFLOP forward, floor
+  {_us(lin.floor(m))} µs; its training step (forward, dW GEMM, db) has a floor of {_us(tb_t['linear_train'])} µs.
+- **dispatch is exp-bound.** Each pass over the logits evaluates N x H x P = {disp.exps / 1e6:.0f} M exponentials:
+  {_us(dt['exp'])} µs at the SFU rate, against {_us(dt['matmul'])} µs of tensor-core work (dh = {sz.dh}: only
+  {disp.flops / disp.exps:.0f} FLOPs per exponential, where {m.tensor_flops / m.sfu_per_s:.0f} would balance the two) and {_us(dt['memory'])} µs
+  of memory traffic (q read once, with K and the partials: {disp.bytes / 1e6:.1f} MB). The forward pays this once, the backward
+  twice more (dq, dK), and keep_slots=False adds three more passes (combine forward, dq, dK/dY):
+  {100 * exp_share_t:.0f} % of the bf16 training floor with keep_slots=True, {100 * exp_share_f:.0f} % with keep_slots=False.
+- **Padding costs exponentials.** The bf16 dispatch forward and dK use {dm['BLOCK_P']}-slot tiles, so they compute
+  exponentials for {_pad(sz.p, dm['BLOCK_P'])} slots instead of {sz.p}: tile floor {_us(disp.floor(m, tile=True))} µs
+  against {_us(disp.floor(m))} µs. The dispatch dq pass and the combine passes use {dqm['BLOCK_P']}-slot tiles
+  ({_pad(sz.p, dqm['BLOCK_P'])} slots): tile floor {_us(kb['dispatch bwd dq'].floor(m, tile=True))} µs for the dispatch dq.
+- **query is memory-bound** in bf16 (the ridge is {m.tensor_flops / m.bytes_per_s:.0f} FLOP/byte): it reads feats
+  ({n * sz.din * 2 / 1e6:.1f} MB) and writes q and y: {q.bytes / 1e6:.1f} MB, floor {_us(q.floor(m))} µs. Its backward
+  (norm backward, dW GEMM, db) costs {_us(kbt['query norm bwd'].floor(m) + kbt['query dW GEMM'].floor(m) + kbt['query db (dy.sum)'].floor(m))} µs.
+- **experts** work on P = {sz.p} slot vectors, independent of N: floors {_us(kbt['experts fwd'].floor(m))} µs forward and
+  {_us(kbt['experts bwd'].floor(m))} µs backward, so their time is launch overhead.
+- **Totals, bf16**: keep_slots=True, forward {_us(tb_t['mammoth_fwd'])} µs ({tb_t['mammoth_fwd'] / tb_t['linear_fwd']:.2f}x
+  nn.Linear's {_us(tb_t['linear_fwd'])} µs), training step {_us(tb_t['mammoth_train'])} µs
+  ({tb_t['mammoth_train'] / tb_t['linear_train']:.2f}x nn.Linear's {_us(tb_t['linear_train'])} µs); keep_slots=False,
+  forward {_us(tb_f['mammoth_fwd'])} µs ({tb_f['mammoth_fwd'] / tb_f['linear_fwd']:.2f}x), training step
+  {_us(tb_f['mammoth_train'])} µs ({tb_f['mammoth_train'] / tb_f['linear_train']:.2f}x).
+- **fp32** (IEEE dots on FMA units): the routing products become the bound, e.g. the dispatch forward needs
+  {fdisp.flops / 1e9:.1f} GFLOP, {_us(fdisp.times(m)['matmul'])} µs at {m.fp32_flops / 1e12:.0f} TFLOP/s, against
+  {_us(fdisp.times(m)['exp'])} µs of exponentials. Training step: keep_slots=True {_us(tf_t['mammoth_train'])} µs
+  ({tf_t['mammoth_train'] / tf_t['linear_train']:.2f}x nn.Linear's {_us(tf_t['linear_train'])} µs, an SGEMM),
+  keep_slots=False {_us(tf_f['mammoth_train'])} µs ({tf_f['mammoth_train'] / tf_f['linear_train']:.2f}x). With TF32
+  allowed (keep_slots=True): {_us(tf32_t['mammoth_train'])} µs against {_us(tf32_t['linear_train'])} µs.
+- Ways below these floors would move work off the SFU (e.g. part of the exponentials as
+  polynomials on the FMA units, as FlashAttention-4 does) or share one exponential pass between
+  dispatch dq and dK (one backward kernel computing both).
+
+## Per kernel
+
+{report(n, ['bf16', 'fp32'], [True, False], sz, m)}
+"""
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=100_000, help="patches in the bag (default 100000)")
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
+    parser.add_argument("--keep-slots", choices=["true", "false", "both"], default="both")
+    parser.add_argument("--tf32", action="store_true", help="fp32 dots and GEMMs on TF32 tensor cores")
+    parser.add_argument("--write", metavar="PATH", help="write the ROOFLINE.md document (N from --n) to PATH")
+    args = parser.parse_args(argv)
+    if args.write:
+        with open(args.write, "w", encoding="utf-8") as fh:
+            fh.write(document(args.n))
+        print(f"wrote {args.write}")
+        return
+    ks = {"true": [True], "false": [False], "both": [True, False]}[args.keep_slots]
+    print(f"Roofline on {H100.name} (floors in µs)\n")
+    print(report(args.n, args.dtype, ks, tf32=args.tf32))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The benchmark command (``python -m benchmarks.run --quick``), the roofline
+model and the kernel-launcher cases the GPU microbenchmarks time."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ lives at the repository root, not installed
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import roofline, run  # noqa: E402
+from benchmarks.launchers import CASE_NAMES, build_cases  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    result = run.main(["--quick", "--device", "cpu", "--out-dir", str(out), "--date", "2000-01-02"])
+    return out, result
+
+
+def test_quick_run_writes_json_and_png(quick):
+    out, result = quick
+    json_path = out / "cpu-{}core-2000-01-02.json".format(result["machine"]["cpu_cores"])
+    png_path = json_path.with_suffix(".png")
+    assert json_path.exists() and png_path.exists() and png_path.stat().st_size > 1000
+    data = json.loads(json_path.read_text())
+    assert data["date"] == "2000-01-02"
+    for key in ("cpu", "cpu_cores", "torch_threads"):
+        assert data["machine"][key]
+    for key in ("torch", "triton", "python"):
+        assert data["versions"][key]
+    assert data["settings"]["n"] == list(run.QUICK_N_CPU)
+    assert {"timing", "memory", "bf16"} <= set(data["settings"])
+
+
+def test_quick_run_rows(quick):
+    _, result = quick
+    rows = result["rows"]
+    keys = {(r["impl"], r["dtype"], r["keep_slots"], r["n"]) for r in rows}
+    assert len(keys) == len(rows)  # one row per implementation, dtype, keep_slots and N
+    for impl in run.IMPLS:
+        for dtype in run.DTYPES:
+            for ks in (True, False):
+                for n in run.QUICK_N_CPU:
+                    assert (impl, dtype, ks, n) in keys
+    by = {(r["impl"], r["dtype"], r["keep_slots"], r["n"]): r for r in rows}
+    for r in rows:
+        assert r["status"] in ("ok", "skipped", "error")
+        if r["impl"] in ("linear", "eager", "mammoth-moe"):
+            assert r["status"] == "ok", r
+        if r["status"] == "ok":
+            for f in run.RATIO_FIELDS:
+                assert r[f] > 0, (r["impl"], f)
+                lin = by[("linear", r["dtype"], r["keep_slots"], r["n"])]
+                assert math.isclose(r[f + "_x"], r[f] / lin[f]), (r["impl"], f)
+            if r["impl"] == "linear":
+                assert all(r[f + "_x"] == 1.0 for f in run.RATIO_FIELDS)
+        else:
+            assert r["note"]
+    assert all("needs a CUDA GPU" in by[("triton", d, ks, n)]["note"] for d in run.DTYPES for ks in (True, False)
+               for n in run.QUICK_N_CPU)
+    assert all(by[("compile", d, True, n)]["status"] == "skipped" for d in run.DTYPES for n in run.QUICK_N_CPU)
+    # keep_slots=False has a patch-sized output, keep_slots=True one row per slot
+    n = run.QUICK_N_CPU[0]
+    assert by[("eager", "fp32", False, n)]["out_shape"] == [1, n, 512]
+    assert by[("eager", "fp32", True, n)]["out_shape"] == [1, 300, 512]
+    assert by[("eager", "bf16", True, n)]["fwd_peak_mib"] > 0
+
+
+def test_cpu_peak_bytes_counts_allocations():
+    a = torch.ones(1000, 1000)  # allocated before: not counted
+
+    def fn():
+        b = torch.empty(1000, 1000)  # 4 MB
+        c = torch.empty(500, 1000)  # + 2 MB while b lives
+        del b, c
+        d = torch.empty(100, 1000)  # after both are freed
+        return d
+
+    peak = run.cpu_peak_bytes(fn)
+    assert 6_000_000 <= peak < 6_100_000
+    assert a.sum() > 0
+
+
+def test_roofline_counts():
+    sz = roofline.RECOMMENDED
+    assert (sz.r, sz.p, sz.dh, sz.do) == (17, 300, 16, 32)
+    n = 100_000
+    ks = {k.name: k for k in roofline.mammoth_kernels(n, torch.bfloat16, keep_slots=False)}
+    disp = ks["dispatch fwd partial"]
+    assert disp.exps == n * 16 * 300 and disp.flops == 4 * n * 16 * 300 * 16
+    assert disp.bound(roofline.H100) == "exp"
+    assert ks["query fwd"].flops == 2 * n * 256 * 1024
+    assert ks["query fwd"].bytes > n * (1024 + 256) * 2  # feats read and q written, bf16
+    assert ks["query fwd (+y)"].bytes - ks["query fwd"].bytes == n * 256 * 2  # y
+    assert disp.tile_exps > disp.exps  # padded slots cost exponentials
+    assert "query dx GEMM" not in ks  # MIL features need no gradient
+    assert "combine fwd" not in {k.name for k in roofline.mammoth_kernels(n, torch.bfloat16, keep_slots=True)}
+    lin = roofline.linear_kernels(n, torch.bfloat16)
+    assert lin[0].flops == 2 * n * 1024 * 512
+    t = roofline.totals(n, torch.bfloat16, True)
+    assert t["linear_train"] > t["linear_fwd"] > 0 and t["mammoth_train"] > t["mammoth_fwd"] > 0
+    assert "GPU measurements are pending" in roofline.document(n)
+
+
+def test_launcher_cases_run_and_map_to_roofline_kernels():
+    """Every launcher case runs (under the Triton interpreter without a GPU) and
+    names kernels the roofline knows."""
+    sz = roofline.Sizes(din=64, d=48, c=16, h=4, e=3, s=4)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cases = build_cases(50, torch.float32, device, sz)
+    assert tuple(cases) == CASE_NAMES
+    kernels = roofline.mammoth_kernels(50, torch.float32, False, sz)
+    for c in cases.values():
+        c.fn()
+        assert roofline.launcher_floor(kernels, c.kernels) > 0
