@@ -337,7 +337,7 @@ class CombineFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, y, mask, drop, out_dtype):
-        out, lse = combine_forward(q, k, y, mask, out_dtype, drop)
+        out, lse = _ops.combine_forward(q, k, y, mask, out_dtype, drop)
         ctx.save_for_backward(q, k, y, out, lse, mask)
         ctx.drop = drop
         return out
@@ -346,10 +346,13 @@ class CombineFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout):
         q, k, y, out, lse, mask = ctx.saved_tensors
-        dq, dk, dy = combine_backward(dout, q, k, y, out, lse, mask, ctx.drop, *ctx.needs_input_grad[:3])
+        dq, dk, dy = _ops.combine_backward(dout, q, k, y, out, lse, mask, ctx.drop, *ctx.needs_input_grad[:3])
         return dq, dk, dy, None, None, None
 
 
 def combine(q, k, y, mask=None, drop=None, out_dtype=None):
     """Differentiable combine: q (B, N, C), K (H, P, dh), Y (B, P, D) -> out (B, N, D)."""
     return CombineFunction.apply(q, k, y, mask, drop, out_dtype or q.dtype)
+
+
+from . import _ops  # noqa: E402  (the launchers as custom ops; imports this module)

@@ -345,7 +345,7 @@ class DispatchFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, mask, drop):
-        z, lse = dispatch_forward(q, k, mask, drop)
+        z, lse = _ops.dispatch_forward(q, k, mask, drop)
         ctx.save_for_backward(q, k, z, lse, mask)
         ctx.mark_non_differentiable(lse)
         ctx.drop = drop
@@ -355,10 +355,13 @@ class DispatchFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dz, _dlse):
         q, k, z, lse, mask = ctx.saved_tensors
-        dq, dk = dispatch_backward(dz, q, k, z, lse, mask, ctx.drop, *ctx.needs_input_grad[:2])
+        dq, dk = _ops.dispatch_backward(dz, q, k, z, lse, mask, ctx.drop, *ctx.needs_input_grad[:2])
         return dq, dk, None, None
 
 
 def dispatch(q, k, mask=None, drop=None):
     """Differentiable dispatch: q (B, N, C), k (H, P, dh) -> Z (B, H, P, dh)."""
     return DispatchFunction.apply(q, k, mask, drop)[0]
+
+
+from . import _ops  # noqa: E402  (the launchers as custom ops; imports this module)

@@ -203,9 +203,8 @@ class QueryFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, gamma, beta, use_layernorm: bool):
-        m, c = x.shape[0], weight.shape[0]
-        y = torch.empty(m, c, device=x.device, dtype=x.dtype) if any(ctx.needs_input_grad[:4]) else None
-        q, mean, rstd = query_forward(x, weight, bias, gamma, beta, use_layernorm, y_out=y)
+        q, mean, rstd, y = _ops.query_forward(x, weight, bias, gamma, beta, use_layernorm,
+                                              store_y=any(ctx.needs_input_grad[:4]))
         ctx.save_for_backward(x, weight, gamma, y, mean, rstd)
         ctx.use_layernorm = use_layernorm
         ctx.bias_dtype = bias.dtype
@@ -219,7 +218,7 @@ class QueryFunction(torch.autograd.Function):
         need_dy = need_dx or need_dw or need_db
         if not (need_dy or need_dgamma):
             return None, None, None, None, None, None
-        dy, dgamma = query_norm_backward(dq, y, mean, rstd, gamma, ctx.use_layernorm, need_dy, need_dgamma)
+        dy, dgamma = _ops.query_norm_backward(dq, y, mean, rstd, gamma, ctx.use_layernorm, need_dy, need_dgamma)
         # dy is in x's dtype, so with bf16/fp16 inputs the GEMMs run on tensor
         # cores with fp32 accumulation, as the eager layer's backward under
         # autocast does; fp32 GEMMs would first copy x, the largest tensor, to
@@ -229,3 +228,6 @@ class QueryFunction(torch.autograd.Function):
         db = dy.sum(0, dtype=rstd.dtype).to(ctx.bias_dtype) if need_db else None  # (C,)
         dgamma = dgamma.to(gamma.dtype) if need_dgamma else None
         return dx, dw, db, dgamma, None, None
+
+
+from . import _ops  # noqa: E402  (the launchers as custom ops; imports this module)

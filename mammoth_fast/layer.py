@@ -303,7 +303,8 @@ class Mammoth(nn.Module):
             if mask.device != feats.device:
                 raise ValueError(f"Mammoth: mask is on {mask.device} but feats are on {feats.device}")
             empty = ~mask.any(dim=1)
-            if bool(empty.any()):
+            # a data-dependent check: skipped under torch.compile (it would break the graph)
+            if not torch.compiler.is_compiling() and bool(empty.any()):
                 bags = empty.nonzero().flatten().tolist()
                 raise ValueError(f"Mammoth: bag(s) {bags} have no unmasked patch (empty bag)")
         return feats, mask
@@ -323,15 +324,24 @@ class Mammoth(nn.Module):
         return slot_keep, y_keep
 
     def forward(
-        self, feats: Tensor, return_weights: bool = False, mask: Optional[Tensor] = None
+        self, feats: Tensor, return_weights: bool = False, mask: Optional[Tensor] = None,
+        cu_seqlens: Optional[Tensor] = None,
     ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         """feats (B, N, input_dim) or (N, input_dim) -> (B, E*S, dim) with keep_slots,
         else (B, N, dim); an unbatched input gets B = 1, as upstream.
 
         mask: optional (B, N) bool, False for padded patches: they take no part in
         the routing and get zero output under keep_slots=False.
-        return_weights: also return the dispatch weights, (B, N, E, H, S).
+        cu_seqlens: optional (B + 1,) int32/int64 offsets of B bags packed along N in
+        feats (total_N, input_dim), as flash-attention's varlen interface: bag b is
+        rows cu_seqlens[b]:cu_seqlens[b+1] and is routed among its own patches only.
+        The output is (B, E*S, dim) with keep_slots, else packed (total_N, dim).
+        Excludes ``mask``. The bags run padded to the longest (see :meth:`_forward_packed`).
+        return_weights: also return the dispatch weights, (B, N, E, H, S); packed
+        (total_N, E, H, S) with cu_seqlens.
         """
+        if cu_seqlens is not None:
+            return self._forward_packed(feats, cu_seqlens, return_weights, mask)
         feats, mask = self._check_input(feats, mask)
         backend = self.resolve_backend(feats)
         if backend == "triton":
@@ -348,3 +358,56 @@ class Mammoth(nn.Module):
         if return_weights:
             return out, reference.dispatch_layout(inter["Dw"], self.num_experts)
         return out
+
+    # ------------------------------------------------------ packed (varlen) bags
+    def _check_cu_seqlens(self, feats: Tensor, cu_seqlens: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """The validated offsets' bag lengths (B,), int64, on feats' device."""
+        if mask is not None:
+            raise ValueError("Mammoth: pass either mask (padded bags) or cu_seqlens (packed bags), not both")
+        if not isinstance(feats, Tensor) or feats.dim() != 2:
+            got = tuple(feats.shape) if isinstance(feats, Tensor) else type(feats).__name__
+            raise ValueError(f"Mammoth: with cu_seqlens, feats must be packed (total_N, input_dim), got {got}")
+        if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            got = cu_seqlens.dtype if isinstance(cu_seqlens, Tensor) else type(cu_seqlens).__name__
+            raise TypeError(f"Mammoth: cu_seqlens must be an int32 or int64 tensor, got {got}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(
+                f"Mammoth: cu_seqlens must be 1-D with B + 1 >= 2 offsets, got shape {tuple(cu_seqlens.shape)}"
+            )
+        if cu_seqlens.device != feats.device:
+            raise ValueError(f"Mammoth: cu_seqlens is on {cu_seqlens.device} but feats are on {feats.device}")
+        total = feats.shape[0]
+        first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+        if first != 0:
+            raise ValueError(f"Mammoth: cu_seqlens must start at 0, got {first}")
+        if last != total:
+            raise ValueError(f"Mammoth: cu_seqlens must end at total_N = feats.shape[0] = {total}, got {last}")
+        lengths = cu_seqlens[1:].long() - cu_seqlens[:-1].long()
+        if bool((lengths <= 0).any()):
+            bags = (lengths <= 0).nonzero().flatten().tolist()
+            raise ValueError(
+                f"Mammoth: cu_seqlens must be strictly increasing; bag(s) {bags} are empty or negative "
+                f"(lengths {lengths.tolist()})"
+            )
+        return lengths
+
+    def _forward_packed(self, feats: Tensor, cu_seqlens: Tensor, return_weights: bool, mask: Optional[Tensor]):
+        """Packed bags through the padded path: scatter into (B, max_len, Din) with a
+        mask, run, and gather the per-patch outputs back (O(B * max_len * Din) extra
+        memory for the padded copy; padding takes no part in the routing)."""
+        lengths = self._check_cu_seqlens(feats, cu_seqlens, mask)
+        b, max_len = lengths.numel(), int(lengths.max())
+        bag = torch.repeat_interleave(torch.arange(b, device=feats.device), lengths)  # (total_N,)
+        pos = torch.arange(feats.shape[0], device=feats.device) - cu_seqlens.long()[:-1][bag]
+        padded = feats.new_zeros(b, max_len, feats.shape[-1]).index_put((bag, pos), feats)
+        pad_mask = torch.zeros(b, max_len, dtype=torch.bool, device=feats.device).index_put(
+            (bag, pos), torch.ones((), dtype=torch.bool, device=feats.device))
+        out = self.forward(padded, return_weights=return_weights, mask=pad_mask)
+        weights = None
+        if return_weights:
+            out, weights = out
+            weights = weights[bag, pos]  # (total_N, E, H, S)
+        if not self.keep_slots:
+            out = out[bag, pos]  # (total_N, D)
+        return (out, weights) if return_weights else out
+

@@ -28,11 +28,12 @@ from torch import Tensor
 from . import reference
 from .dtypes import compute_dtype
 from .kernels import _launch
+from .kernels._ops import combine_forward, dispatch_forward, experts_forward, query_forward
 from .kernels._slot_dropout import slot_keep_mask
-from .kernels.combine import CombineFunction, combine_forward
-from .kernels.dispatch import DispatchFunction, dispatch_forward
-from .kernels.experts import ExpertsFunction, experts_forward
-from .kernels.query import QueryFunction, query_forward
+from .kernels.combine import CombineFunction
+from .kernels.dispatch import DispatchFunction
+from .kernels.experts import ExpertsFunction
+from .kernels.query import QueryFunction
 
 SEED_RANGE = 2**31 - 1
 
@@ -65,7 +66,7 @@ def forward(layer, feats: Tensor, mask: Optional[Tensor], return_weights: bool):
     if grad:
         q = QueryFunction.apply(x, weight, p.wq_bias, p.norm_gamma, p.norm_beta, p.use_layernorm)
     else:
-        q, _, _ = query_forward(x, weight, p.wq_bias, p.norm_gamma, p.norm_beta, p.use_layernorm)
+        q, _, _, _ = query_forward(x, weight, p.wq_bias, p.norm_gamma, p.norm_beta, p.use_layernorm)
     q = q.view(bsz, n, -1)  # (B, N, C)
     k = reference.slot_keys(p, acc).contiguous()  # (H, P, dh): P * dh values, plain PyTorch
     lora = (p.shared_weight, p.shared_bias, p.expert_weights, p.expert_bias, p.expert_gamma)

@@ -170,16 +170,19 @@ def test_only_needed_grads_are_computed(monkeypatch, requires_grad):
         assert (leaf.grad is not None) == rg
     assert (("mm", (m, din)) in rec.ops) == need_x
     assert (("mm", (c, din)) in rec.ops) == need_w
-    assert any(op == "sum" for op, _ in rec.ops) == (need_b or need_gamma)
+    # db's sum; dgamma's sum runs inside the mammoth_fast::query_norm_bwd custom op (the flags above)
+    assert any(op == "sum" for op, _ in rec.ops) == need_b
 
 
-def test_no_grad_needed_saves_no_y():
+def test_no_grad_needed_saves_no_y(monkeypatch):
     layer = make_layer("small", seed=38)
     leaves = query_leaves(layer, random_x(37, SIZES["small"]["input_dim"], seed=39), requires_grad=(False,) * 4)
-    with RecordOps() as rec:
-        q = run_query(layer, leaves)
+    y_outs = []  # the launcher runs inside the mammoth_fast::query_fwd custom op: watch its y_out
+    forward = query.query_forward
+    monkeypatch.setattr(query, "query_forward", lambda *a, **kw: y_outs.append(kw.get("y_out")) or forward(*a, **kw))
+    q = run_query(layer, leaves)
     assert not q.requires_grad
-    assert [shape for op, shape in rec.ops if op == "empty"].count(tuple(q.shape)) == 1  # q alone
+    assert y_outs == [None]  # q alone, no pre-norm y
 
 
 # ------------------------------------------------------------------ RMS clamp

@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..checkpoints import read_state_dict
 from .abmil import ABMIL
 from .base import MILModel
 from .clam import CLAMSB
@@ -77,11 +78,10 @@ def create_model(name: str, num_classes: int, checkpoint_path: Optional[str] = N
 def load_checkpoint(net: torch.nn.Module, path: str) -> None:
     """Load a local state_dict (or a dict holding one under 'state_dict' or
     'model') into net, strictly. A key that is not net's maps to the shortest of
-    its dotted suffixes that names a tensor of net, or of net.patch_embed."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state.get(key), dict):
-            state = state[key]
+    its dotted suffixes that names a tensor of net, or of net.patch_embed.
+    For the Mammoth weights alone (e.g. a checkpoint of another aggregator), use
+    mammoth_fast.checkpoints.load_mammoth_state_dict."""
+    state = read_state_dict(path)
     names = set(net.state_dict())
     mapped = {_match(key, names): value for key, value in state.items()}
     if len(mapped) != len(state):

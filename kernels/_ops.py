@@ -1,0 +1,214 @@
+"""The kernel launchers as PyTorch custom ops (namespace ``mammoth_fast``), for torch.compile.
+
+Each launcher (forward and backward of query, dispatch, experts, combine) is a
+``torch.library.custom_op`` with a fake (meta) implementation giving its
+outputs' shapes and dtypes, so ``torch.compile`` keeps it in the graph as one
+opaque node instead of breaking the graph at the Triton launch. Autograd stays
+in the ``*Function`` classes, which call these ops. The wrappers below keep the
+launchers' signatures (``None`` for an absent tensor, ``drop`` as (seed, p) or
+None); a custom op cannot return None, so an absent output travels as an empty
+tensor and is turned back into None here.
+
+``torch.library.triton_op`` / ``wrap_triton`` (which would let Inductor see
+inside the kernels) is not used: it does not run Triton's CPU interpreter, so
+the ops could not be tested without a GPU, and Inductor gains nothing from
+seeing the fused kernels' insides.
+"""
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from . import combine as _c
+from . import dispatch as _d
+from . import experts as _e
+from . import query as _q
+from ._launch import acc_dtype
+
+NS = "mammoth_fast"
+
+
+def _empty(like: Tensor, dtype=None) -> Tensor:
+    return torch.empty(0, device=like.device, dtype=dtype or like.dtype)
+
+
+def _opt(t: Optional[Tensor], like: Tensor, dtype=None) -> Tensor:
+    return _empty(like, dtype) if t is None else t
+
+
+def _drop(has_drop: bool, seed: int, p: float):
+    return (seed, p) if has_drop else None
+
+
+def _drop_args(drop):
+    return (True, int(drop[0]), float(drop[1])) if drop is not None else (False, 0, 0.0)
+
+
+# ------------------------------------------------------------------- query
+@torch.library.custom_op(f"{NS}::query_fwd", mutates_args=())
+def query_fwd(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: Optional[Tensor],
+              use_layernorm: bool, store_y: bool) -> List[Tensor]:
+    m, c = x.shape[0], weight.shape[0]
+    y = torch.empty(m, c, device=x.device, dtype=x.dtype) if store_y else None
+    q, mean, rstd = _q.query_forward(x, weight, bias, gamma, beta, use_layernorm, y_out=y)
+    return [q, _opt(mean, rstd), rstd, _opt(y, q)]
+
+
+@query_fwd.register_fake
+def _(x, weight, bias, gamma, beta, use_layernorm, store_y):
+    m, c = x.shape[0], weight.shape[0]
+    stat = dict(device=x.device, dtype=acc_dtype(x.dtype))
+    q = x.new_empty(m, c)
+    return [q, x.new_empty(m if use_layernorm else 0, dtype=stat["dtype"]), x.new_empty(m, dtype=stat["dtype"]),
+            x.new_empty(m, c) if store_y else x.new_empty(0)]
+
+
+def query_forward(x, weight, bias, gamma, beta, use_layernorm, store_y=False):
+    """-> q, mean (None for RMS norm), rstd, y (None unless store_y)."""
+    q, mean, rstd, y = query_fwd(x, weight, bias, gamma, beta, use_layernorm, store_y)
+    return q, (mean if use_layernorm else None), rstd, (y if store_y else None)
+
+
+@torch.library.custom_op(f"{NS}::query_norm_bwd", mutates_args=())
+def query_norm_bwd(dq: Tensor, y: Tensor, mean: Optional[Tensor], rstd: Tensor, gamma: Tensor, use_layernorm: bool,
+                   need_dy: bool, need_dgamma: bool) -> List[Tensor]:
+    dy, dgamma = _q.query_norm_backward(dq, y, mean, rstd, gamma, use_layernorm, need_dy, need_dgamma)
+    return [_opt(dy, y), _opt(dgamma, rstd)]
+
+
+@query_norm_bwd.register_fake
+def _(dq, y, mean, rstd, gamma, use_layernorm, need_dy, need_dgamma):
+    return [y.new_empty(y.shape if need_dy else (0,)), rstd.new_empty(y.shape[1] if need_dgamma else 0)]
+
+
+def query_norm_backward(dq, y, mean, rstd, gamma, use_layernorm, need_dy, need_dgamma):
+    dy, dgamma = query_norm_bwd(dq, y, mean, rstd, gamma, use_layernorm, need_dy, need_dgamma)
+    return (dy if need_dy else None), (dgamma if need_dgamma else None)
+
+
+# ---------------------------------------------------------------- dispatch
+@torch.library.custom_op(f"{NS}::dispatch_fwd", mutates_args=())
+def dispatch_fwd(q: Tensor, k: Tensor, mask: Optional[Tensor], has_drop: bool, seed: int,
+                 p_drop: float) -> List[Tensor]:
+    z, lse = _d.dispatch_forward(q, k, mask, _drop(has_drop, seed, p_drop))
+    return [z, lse]
+
+
+@dispatch_fwd.register_fake
+def _(q, k, mask, has_drop, seed, p_drop):
+    bsz = q.shape[0]
+    h, p, dh = k.shape
+    acc = acc_dtype(q.dtype)
+    return [q.new_empty(bsz, h, p, dh, dtype=acc), q.new_empty(bsz, h, p, dtype=acc)]
+
+
+def dispatch_forward(q, k, mask, drop=None):
+    z, lse = dispatch_fwd(q, k, mask, *_drop_args(drop))
+    return z, lse
+
+
+@torch.library.custom_op(f"{NS}::dispatch_bwd", mutates_args=())
+def dispatch_bwd(dz: Tensor, q: Tensor, k: Tensor, z: Tensor, lse: Tensor, mask: Optional[Tensor], has_drop: bool,
+                 seed: int, p_drop: float, need_dq: bool, need_dk: bool) -> List[Tensor]:
+    dq, dk = _d.dispatch_backward(dz, q, k, z, lse, mask, _drop(has_drop, seed, p_drop), need_dq, need_dk)
+    return [_opt(dq, q), _opt(dk, z)]
+
+
+@dispatch_bwd.register_fake
+def _(dz, q, k, z, lse, mask, has_drop, seed, p_drop, need_dq, need_dk):
+    return [q.new_empty(q.shape if need_dq else (0,)), z.new_empty(k.shape if need_dk else (0,))]
+
+
+def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq, need_dk):
+    dq, dk = dispatch_bwd(dz, q, k, z, lse, mask, *_drop_args(drop), need_dq, need_dk)
+    return (dq if need_dq else None), (dk if need_dk else None)
+
+
+# ----------------------------------------------------------------- experts
+@torch.library.custom_op(f"{NS}::experts_fwd", mutates_args=())
+def experts_fwd(z: Tensor, shared_weight: Tensor, shared_bias: Tensor, expert_weights: Tensor, expert_bias: Tensor,
+                expert_gamma: Tensor) -> List[Tensor]:
+    y, inv_norm = _e.experts_forward(z, shared_weight, shared_bias, expert_weights, expert_bias, expert_gamma)
+    return [y, inv_norm]
+
+
+@experts_fwd.register_fake
+def _(z, shared_weight, shared_bias, expert_weights, expert_bias, expert_gamma):
+    bsz, h, p, _ = z.shape
+    return [z.new_empty(bsz, p, h * expert_weights.shape[-1]), z.new_empty(bsz, p)]
+
+
+def experts_forward(z, shared_weight, shared_bias, expert_weights, expert_bias, expert_gamma):
+    y, inv_norm = experts_fwd(z, shared_weight, shared_bias, expert_weights, expert_bias, expert_gamma)
+    return y, inv_norm
+
+
+@torch.library.custom_op(f"{NS}::experts_bwd", mutates_args=())
+def experts_bwd(dy: Tensor, z: Tensor, shared_weight: Tensor, shared_bias: Tensor, expert_weights: Tensor,
+                expert_bias: Tensor, expert_gamma: Tensor, inv_norm: Tensor, need_param_grads: bool,
+                need_dz: bool) -> List[Tensor]:
+    params = (shared_weight, shared_bias, expert_weights, expert_bias, expert_gamma)
+    grads = _e.experts_backward(dy, z, *params, inv_norm, need_param_grads, need_dz)
+    return [_opt(g, like) for g, like in zip(grads, (z, *params))]
+
+
+@experts_bwd.register_fake
+def _(dy, z, shared_weight, shared_bias, expert_weights, expert_bias, expert_gamma, inv_norm, need_param_grads,
+      need_dz):
+    params = (shared_weight, shared_bias, expert_weights, expert_bias, expert_gamma)
+    return [z.new_empty(z.shape if need_dz else (0,))] + [
+        prm.new_empty(prm.shape if need_param_grads else (0,)) for prm in params]
+
+
+def experts_backward(dy, z, shared_weight, shared_bias, expert_weights, expert_bias, expert_gamma, inv_norm,
+                     need_param_grads=True, need_dz=True):
+    grads = experts_bwd(dy, z, shared_weight, shared_bias, expert_weights, expert_bias, expert_gamma, inv_norm,
+                        need_param_grads, need_dz)
+    return (grads[0] if need_dz else None, *(g if need_param_grads else None for g in grads[1:]))
+
+
+# ----------------------------------------------------------------- combine
+@torch.library.custom_op(f"{NS}::combine_fwd", mutates_args=())
+def combine_fwd(q: Tensor, k: Tensor, y: Tensor, mask: Optional[Tensor], out_dtype: torch.dtype, has_drop: bool,
+                seed: int, p_drop: float) -> List[Tensor]:
+    out, lse = _c.combine_forward(q, k, y, mask, out_dtype, _drop(has_drop, seed, p_drop))
+    return [out, lse]
+
+
+@combine_fwd.register_fake
+def _(q, k, y, mask, out_dtype, has_drop, seed, p_drop):
+    bsz, n, _ = q.shape
+    return [q.new_empty(bsz, n, y.shape[2], dtype=out_dtype), q.new_empty(bsz, n, k.shape[0], dtype=acc_dtype(q.dtype))]
+
+
+def combine_forward(q, k, y, mask, out_dtype, drop=None):
+    out, lse = combine_fwd(q, k, y, mask, out_dtype, *_drop_args(drop))
+    return out, lse
+
+
+@torch.library.custom_op(f"{NS}::combine_bwd", mutates_args=())
+def combine_bwd(dout: Tensor, q: Tensor, k: Tensor, y: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
+                has_drop: bool, seed: int, p_drop: float, need_dq: bool, need_dk: bool,
+                need_dy: bool) -> List[Tensor]:
+    dq, dk, dy = _c.combine_backward(dout, q, k, y, out, lse, mask, _drop(has_drop, seed, p_drop),
+                                     need_dq, need_dk, need_dy)
+    acc = acc_dtype(q.dtype)
+    return [_opt(dq, q), _opt(dk, q, acc), _opt(dy, q, acc)]
+
+
+@combine_bwd.register_fake
+def _(dout, q, k, y, out, lse, mask, has_drop, seed, p_drop, need_dq, need_dk, need_dy):
+    acc = acc_dtype(q.dtype)
+    return [q.new_empty(q.shape if need_dq else (0,)), q.new_empty(k.shape if need_dk else (0,), dtype=acc),
+            q.new_empty(y.shape if need_dy else (0,), dtype=acc)]
+
+
+def combine_backward(dout, q, k, y, out, lse, mask, drop, need_dq, need_dk, need_dy):
+    dq, dk, dy = combine_bwd(dout, q, k, y, out, lse, mask, *_drop_args(drop), need_dq, need_dk, need_dy)
+    return (dq if need_dq else None), (dk if need_dk else None), (dy if need_dy else None)
+
+
+OPS = {"query_fwd": query_fwd, "query_norm_bwd": query_norm_bwd, "dispatch_fwd": dispatch_fwd,
+       "dispatch_bwd": dispatch_bwd, "experts_fwd": experts_fwd, "experts_bwd": experts_bwd,
+       "combine_fwd": combine_fwd, "combine_bwd": combine_bwd}

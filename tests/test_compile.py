@@ -1,0 +1,124 @@
+"""torch.compile: the Triton launchers are custom ops (mammoth_fast::*) with fake
+implementations, so the triton backend compiles without graph breaks; opcheck
+for every op. Without CUDA the kernels run under the Triton interpreter on CPU
+tensors (the custom ops wrap the launchers, so this works there too)."""
+import pytest
+import torch
+
+from conftest import DEVICE, make_layer
+from mammoth_fast.kernels import _ops
+from mammoth_fast.mil import create_model
+
+
+def small_inputs(dtype=torch.float32, mask=False):
+    layer = make_layer("small", seed=3, keep_slots=False, backend="triton").to(DEVICE, dtype)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, layer.input_dim, generator=g, dtype=dtype).to(DEVICE)
+    m = torch.ones(2, 9, dtype=torch.bool, device=DEVICE)
+    m[1, 5:] = False
+    return layer, x, (m if mask else None)
+
+
+@pytest.mark.parametrize("keep_slots", [True, False], ids=["slots", "tokens"])
+@pytest.mark.parametrize("mask", [False, True], ids=["nomask", "mask"])
+def test_layer_has_no_graph_breaks(keep_slots, mask):
+    layer, x, m = small_inputs(mask=mask)
+    layer.keep_slots = keep_slots
+    x.requires_grad_()
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(layer)(x, mask=m)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    assert explain.graph_count == 1
+
+
+def test_inference_path_has_no_graph_breaks():
+    layer, x, m = small_inputs(mask=True)  # no_grad: the bare forward launchers, as ops
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explain = torch._dynamo.explain(layer)(x, mask=m)
+        assert explain.graph_break_count == 0, explain.break_reasons
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x, mask=m), layer(x, mask=m))
+
+
+@pytest.mark.parametrize("keep_slots", [True, False], ids=["slots", "tokens"])
+def test_compiled_layer_matches_eager_forward_and_backward(keep_slots):
+    layer, x, m = small_inputs(mask=True)
+    layer.keep_slots = keep_slots
+    prms = [x.requires_grad_(), layer.wq.weight, layer.slot_embeds, layer.expert_heads.lora_layers.expert_weights]
+    ref = layer(x, mask=m)
+    dout = torch.randn_like(ref)
+    g_ref = torch.autograd.grad(ref, prms, dout)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)  # traces forward and backward
+    out = compiled(x, mask=m)
+    g = torch.autograd.grad(out, prms, dout)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_inductor_training_step_matches_eager():
+    layer, x, m = small_inputs(mask=True)
+    prms = [x.requires_grad_(), layer.wq.weight, layer.slot_embeds, layer.expert_heads.norm.gamma]
+    ref = layer(x, mask=m)
+    g_ref = torch.autograd.grad(ref.square().sum(), prms)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)  # the default backend, inductor
+    out = compiled(x, mask=m)
+    g = torch.autograd.grad(out.square().sum(), prms)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_mil_model_without_graph_breaks():
+    torch.manual_seed(0)
+    moe_args = dict(num_experts=2, num_slots=3, num_heads=2, slot_dim=8, keep_slots=True, backend="triton")
+    net = create_model("abmil.base_mammoth", 2, in_dim=16, embed_dim=16, attn_dim=8, moe_args=moe_args).to(DEVICE)
+    net.eval()
+    h = torch.randn(2, 7, 16, device=DEVICE)
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(lambda t: net(t)["logits"])(h)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(h)["logits"], net(h)["logits"])
+
+
+def op_samples():
+    """Arguments for each op at the small sizes, float32, with and without mask / slot dropout."""
+    layer, x, m = small_inputs(mask=True)
+    p = layer.params()
+    from mammoth_fast import reference
+
+    q, _, _, y_pre = _ops.query_forward(x.reshape(18, -1), p.wq_weight, p.wq_bias, p.norm_gamma, p.norm_beta,
+                                        True, store_y=True)
+    _, mean, rstd, _ = _ops.query_forward(x.reshape(18, -1), p.wq_weight, p.wq_bias, p.norm_gamma, p.norm_beta, True)
+    q = q.view(2, 9, -1)
+    k = reference.slot_keys(p, torch.float32).contiguous().detach()
+    lora = [t.detach() for t in (p.shared_weight, p.shared_bias, p.expert_weights, p.expert_bias, p.expert_gamma)]
+    det = lambda *ts: [t.detach() for t in ts]  # noqa: E731
+    xs = det(x.reshape(18, -1), p.wq_weight, p.wq_bias, p.norm_gamma, p.norm_beta)
+    yield "query_fwd", (*xs, True, True)
+    yield "query_fwd", (*xs[:4], None, False, False)
+    yield "query_norm_bwd", (torch.randn_like(q.view(18, -1)), y_pre, mean, rstd, xs[3], True, True, True)
+    q = q.detach()
+    for mask, drop in ((None, (False, 0, 0.0)), (m, (True, 1234, 0.3))):
+        z, lse = _ops.dispatch_fwd(q, k, mask, *drop)
+        yield "dispatch_fwd", (q, k, mask, *drop)
+        yield "dispatch_bwd", (torch.randn_like(z), q, k, z, lse, mask, *drop, True, True)
+        y, inv = _ops.experts_fwd(z, *lora)
+        yield "experts_fwd", (z, *lora)
+        yield "experts_bwd", (torch.randn_like(y), z, *lora, inv, True, True)
+        out, lse_c = _ops.combine_fwd(q, k, y, mask, torch.float32, *drop)
+        yield "combine_fwd", (q, k, y, mask, torch.float32, *drop)
+        yield "combine_bwd", (torch.randn_like(out), q, k, y, out, lse_c, mask, *drop, True, True, False)
+
+
+def test_opcheck_every_op():
+    seen = set()
+    for name, args in op_samples():
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)  # autograd is in the Functions
+        torch.library.opcheck(_ops.OPS[name], args)  # schema, fake tensor, autograd registration, aot dispatch
+        seen.add(name)
+    assert seen == set(_ops.OPS)
