@@ -34,40 +34,11 @@ from mammoth_fast.kernels.combine import combine_dkdy_meta, combine_dq_meta, com
 from mammoth_fast.kernels.dispatch import dispatch_dq_meta, dispatch_meta
 from mammoth_fast.kernels.experts import experts_bwd_meta, experts_meta
 from mammoth_fast.kernels.query import query_meta, query_norm_bwd_meta
-from mammoth_fast.reference import auto_rank
+from mammoth_fast.sizes import LayerSizes as Sizes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ACC_BYTES = 4  # fp32 accumulators, statistics, partials
 PARAM_BYTES = 4  # fp32 parameters (bf16 runs under autocast)
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """The layer's sizes (SPEC section 1) on ``b`` bags; the rank from auto_rank."""
-
-    din: int = 1024
-    d: int = 512
-    c: int = 256
-    h: int = 16
-    e: int = 30
-    s: int = 10
-    b: int = 1
-
-    @property
-    def r(self) -> int:
-        return auto_rank(self.din, self.c, self.d, self.e)
-
-    @property
-    def dh(self) -> int:
-        return self.c // self.h
-
-    @property
-    def do(self) -> int:
-        return self.d // self.h
-
-    @property
-    def p(self) -> int:
-        return self.e * self.s
 
 
 RECOMMENDED = Sizes()

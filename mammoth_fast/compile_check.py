@@ -53,6 +53,7 @@ from .kernels.combine import combine_dkdy_meta, combine_dq_meta, combine_meta
 from .kernels.dispatch import dispatch_dq_meta, dispatch_meta
 from .kernels.experts import experts_bwd_meta, experts_meta
 from .kernels.query import query_meta, query_norm_bwd_meta
+from .sizes import LayerSizes
 
 H100 = GPUTarget("cuda", 90, 32)  # compiles for sm_90a
 H100_SM_COUNT = 132
@@ -69,33 +70,13 @@ DROP = (12345, 0.1)  # (seed, p) of slot dropout where HAS_DROP
 
 
 @dataclass(frozen=True)
-class Sizes:
+class Sizes(LayerSizes):
     """The recommended layer (Din 1024, D 512, C 256, H 16, E 30, S 10, rank 17)
     on B bags of N patches computing in ``dtype``. Parameters stay fp32: bf16
     runs under autocast."""
-    n: int
-    dtype: torch.dtype
-    b: int = 1
-    din: int = 1024
-    d: int = 512
-    c: int = 256
-    h: int = 16
-    e: int = 30
-    s: int = 10
-    r: int = 17
+    n: int = 1000
+    dtype: torch.dtype = torch.float32
     param: torch.dtype = torch.float32
-
-    @property
-    def dh(self) -> int:
-        return self.c // self.h
-
-    @property
-    def do(self) -> int:
-        return self.d // self.h
-
-    @property
-    def p(self) -> int:
-        return self.e * self.s
 
     @property
     def acc(self) -> torch.dtype:
@@ -442,7 +423,7 @@ def run_checks(workers: int | None = None) -> list[dict]:
         modules[kernel.name] = kernel.module
         for n, dtype in itertools.product(N_VALUES, DTYPES):
             for flags in _flag_combos(kernel):
-                job = _job(kernel, fn, kernel.args(Sizes(n, dtype), **flags))
+                job = _job(kernel, fn, kernel.args(Sizes(n=n, dtype=dtype), **flags))
                 jobs.setdefault(job, []).append((dtype, n))
     args = [(job, cases, modules[job.name]) for job, cases in jobs.items()]
     workers = min(workers or _workers(), len(args))
