@@ -30,6 +30,7 @@ import triton.language as tl
 
 from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision
 from ._slot_dropout import kernel_p_drop, slot_keep_np, slot_keep_pn
+from ._tiles import load_tile
 from .dispatch import _sm_count
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -83,8 +84,7 @@ def _combine_fwd_kernel(
     n_ok = offs_n < N
     dh_ok = offs_dh < DH
     do_ok = offs_do < DO
-    q = tl.load(Q + b * stride_qb + offs_n[:, None].to(tl.int64) * stride_qn + h * DH + offs_dh[None, :],
-                mask=n_ok[:, None] & dh_ok[None, :], other=0.0).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_DH)
+    q = load_tile(Q + b * stride_qb + h * DH, offs_n, stride_qn, offs_dh, n_ok, dh_ok).to(DOT_DTYPE)
 
     m_i = tl.full([BLOCK_N], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_N], ACC)
@@ -92,8 +92,7 @@ def _combine_fwd_kernel(
     for p0 in range(0, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         p_ok = offs_p < P
-        k = tl.load(K + (h * P + offs_p[:, None]) * DH + offs_dh[None, :],
-                    mask=p_ok[:, None] & dh_ok[None, :], other=0.0).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_DH)
+        k = load_tile(K + h * P * DH, offs_p, DH, offs_dh, p_ok, dh_ok).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_DH)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_P)
         ok = _slot_ok(seed, p_drop, b, offs_n, h, p0, N, H, P, HAS_DROP, BLOCK_P, False)
         s = tl.where(ok, s, float("-inf"))
@@ -102,8 +101,7 @@ def _combine_fwd_kernel(
         alpha = tl.exp2((m_i - m_ref) * LOG2E)
         w = tl.exp2((s - m_ref[:, None]) * LOG2E)
         l_i = l_i * alpha + tl.sum(w, axis=1)
-        y = tl.load(Y + (b * P + offs_p[:, None]) * D + h * DO + offs_do[None, :],
-                    mask=p_ok[:, None] & do_ok[None, :], other=0.0).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_DO)
+        y = load_tile(Y + b * P * D + h * DO, offs_p, D, offs_do, p_ok, do_ok).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_DO)
         acc = acc * alpha[:, None] + tl.dot(w.to(DOT_DTYPE), y, input_precision=INPUT_PRECISION)
         m_i = m_new
 
@@ -146,18 +144,15 @@ def _combine_bwd_dq_kernel(
     delta = tl.sum(do * tl.load(OUT + o_offs, mask=ndo_ok, other=0.0).to(ACC), axis=1)  # (BLOCK_N,)
     tl.store(DELTA + (b * N + offs_n) * H + h, delta, mask=n_ok)
     if NEED_DQ:
-        q = tl.load(Q + b * stride_qb + offs_n[:, None].to(tl.int64) * stride_qn + h * DH + offs_dh[None, :],
-                    mask=n_ok[:, None] & dh_ok[None, :], other=0.0).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_DH)
+        q = load_tile(Q + b * stride_qb + h * DH, offs_n, stride_qn, offs_dh, n_ok, dh_ok).to(DOT_DTYPE)
         lse = tl.load(LSE + (b * N + offs_n) * H + h, mask=n_ok, other=float("inf"))  # (BLOCK_N,)
         do = do.to(DOT_DTYPE)
         dq = tl.zeros([BLOCK_N, BLOCK_DH], ACC)
         for p0 in range(0, P, BLOCK_P):
             offs_p = p0 + tl.arange(0, BLOCK_P)
             p_ok = offs_p < P
-            k = tl.load(K + (h * P + offs_p[:, None]) * DH + offs_dh[None, :],
-                        mask=p_ok[:, None] & dh_ok[None, :], other=0.0).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_DH)
-            y = tl.load(Y + (b * P + offs_p[:, None]) * D + h * DO + offs_do[None, :],
-                        mask=p_ok[:, None] & do_ok[None, :], other=0.0).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_DO)
+            k = load_tile(K + h * P * DH, offs_p, DH, offs_dh, p_ok, dh_ok).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_DH)
+            y = load_tile(Y + b * P * D + h * DO, offs_p, D, offs_do, p_ok, do_ok).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_DO)
             s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_P)
             ok = _slot_ok(seed, p_drop, b, offs_n, h, p0, N, H, P, HAS_DROP, BLOCK_P, False)
             w = tl.where(ok, tl.exp2((s - lse[:, None]) * LOG2E), 0.0)  # Cw
@@ -193,11 +188,9 @@ def _combine_bwd_dkdy_kernel(
     p_ok = offs_p < P
     dh_ok = offs_dh < DH
     do_ok = offs_do < DO
-    k = tl.load(K + (h * P + offs_p[:, None]) * DH + offs_dh[None, :],
-                mask=p_ok[:, None] & dh_ok[None, :], other=0.0).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_DH)
+    k = load_tile(K + h * P * DH, offs_p, DH, offs_dh, p_ok, dh_ok).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_DH)
     if NEED_DK:
-        y = tl.load(Y + (b * P + offs_p[:, None]) * D + h * DO + offs_do[None, :],
-                    mask=p_ok[:, None] & do_ok[None, :], other=0.0).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_DO)
+        y = load_tile(Y + b * P * D + h * DO, offs_p, D, offs_do, p_ok, do_ok).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_DO)
     dk = tl.zeros([BLOCK_P, BLOCK_DH], ACC)
     dy = tl.zeros([BLOCK_P, BLOCK_DO], ACC)
     n_start = pid_s * n_per_split
@@ -206,8 +199,7 @@ def _combine_bwd_dkdy_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_end
         keep = _row_keep(MASK, b, offs_n, n_end, N, HAS_MASK)
-        q = tl.load(Q + b * stride_qb + offs_n[:, None].to(tl.int64) * stride_qn + h * DH + offs_dh[None, :],
-                    mask=n_ok[:, None] & dh_ok[None, :], other=0.0).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_DH)
+        q = load_tile(Q + b * stride_qb + h * DH, offs_n, stride_qn, offs_dh, n_ok, dh_ok).to(DOT_DTYPE)
         do = tl.load(DOUT + (b * N + offs_n[:, None].to(tl.int64)) * D + h * DO + offs_do[None, :],
                      mask=keep[:, None] & do_ok[None, :], other=0.0).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_DO)
         lse = tl.load(LSE + (b * N + offs_n) * H + h, mask=n_ok, other=float("inf"))  # (BLOCK_N,)

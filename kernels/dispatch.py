@@ -22,6 +22,7 @@ import triton.language as tl
 
 from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision
 from ._slot_dropout import kernel_p_drop, slot_keep_np, slot_keep_pn
+from ._tiles import load_tile
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -69,8 +70,7 @@ def _dispatch_partial_kernel(
     p_ok = offs_p < P
     d_ok = offs_d < DH
     # slot keys of head h: (BLOCK_P, BLOCK_D), laid out (H, P, DH) contiguous
-    k = tl.load(K + (h * P + offs_p[:, None]) * DH + offs_d[None, :], mask=p_ok[:, None] & d_ok[None, :], other=0.0)
-    k = k.to(DOT_DTYPE)
+    k = load_tile(K + h * P * DH, offs_p, DH, offs_d, p_ok, d_ok).to(DOT_DTYPE)
 
     m_i = tl.full([BLOCK_P], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_P], ACC)
@@ -81,8 +81,7 @@ def _dispatch_partial_kernel(
     q_base = Q + b * stride_qb + h * DH
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        q = tl.load(q_base + offs_n[:, None].to(tl.int64) * stride_qn + offs_d[None, :],
-                    mask=(offs_n < n_end)[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_D)
+        q = load_tile(q_base, offs_n, stride_qn, offs_d, offs_n < n_end, d_ok).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_D)
         s = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # (BLOCK_P, BLOCK_N)
         ok = _patch_ok(MASK, seed, p_drop, b, offs_n, h, pid_p * BLOCK_P, n_end, N, H, P,
                        HAS_MASK, HAS_DROP, BLOCK_P, True)
@@ -153,15 +152,14 @@ def _dispatch_bwd_dq_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     nd_ok = (offs_n < N)[:, None] & (offs_d < DH)[None, :]
-    q = tl.load(Q + b * stride_qb + offs_n[:, None].to(tl.int64) * stride_qn + h * DH + offs_d[None, :],
-                mask=nd_ok, other=0.0).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_D)
+    q = load_tile(Q + b * stride_qb + h * DH, offs_n, stride_qn, offs_d, offs_n < N, offs_d < DH).to(DOT_DTYPE)
     dq = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     for p0 in range(0, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         p_ok = offs_p < P
         pd_ok = p_ok[:, None] & (offs_d < DH)[None, :]
         slot = pid_bh * P + offs_p  # (B*H, P)
-        k = tl.load(K + (h * P + offs_p[:, None]) * DH + offs_d[None, :], mask=pd_ok, other=0.0).to(DOT_DTYPE)
+        k = load_tile(K + h * P * DH, offs_p, DH, offs_d, p_ok, offs_d < DH).to(DOT_DTYPE)
         dz = tl.load(DZ + slot[:, None] * DH + offs_d[None, :], mask=pd_ok, other=0.0).to(DOT_DTYPE)
         lse = tl.load(LSE + slot, mask=p_ok, other=float("inf"))  # +inf: weight 0
         delta = tl.load(DELTA + slot, mask=p_ok, other=0.0)
@@ -199,7 +197,7 @@ def _dispatch_bwd_dk_kernel(
     d_ok = offs_d < DH
     pd_ok = p_ok[:, None] & d_ok[None, :]
     slot = pid_bh * P + offs_p
-    k = tl.load(K + (h * P + offs_p[:, None]) * DH + offs_d[None, :], mask=pd_ok, other=0.0).to(DOT_DTYPE)
+    k = load_tile(K + h * P * DH, offs_p, DH, offs_d, p_ok, d_ok).to(DOT_DTYPE)
     dz = tl.load(DZ + slot[:, None] * DH + offs_d[None, :], mask=pd_ok, other=0.0).to(DOT_DTYPE)
     lse = tl.load(LSE + slot, mask=p_ok, other=float("inf"))
     delta = tl.load(DELTA + slot, mask=p_ok, other=0.0)
@@ -208,8 +206,7 @@ def _dispatch_bwd_dk_kernel(
     n_end = tl.minimum(n_start + n_per_split, N)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        q = tl.load(Q + b * stride_qb + offs_n[:, None].to(tl.int64) * stride_qn + h * DH + offs_d[None, :],
-                    mask=(offs_n < n_end)[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_D)
+        q = load_tile(Q + b * stride_qb + h * DH, offs_n, stride_qn, offs_d, offs_n < n_end, d_ok).to(DOT_DTYPE)
         s = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # (BLOCK_P, BLOCK_N)
         ok = _patch_ok(MASK, seed, p_drop, b, offs_n, h, pid_p * BLOCK_P, n_end, N, H, P,
                        HAS_MASK, HAS_DROP, BLOCK_P, True)
