@@ -66,6 +66,7 @@ def worker(rank, world, init_file, out_file, keep_slots):
         train(net, rank, world)
         if rank == 0:
             torch.save(net.module.state_dict(), out_file)
+        dist.barrier()  # leave together: a rank tearing gloo down while the other still works aborts
     finally:
         dist.destroy_process_group()
 
