@@ -25,6 +25,7 @@ from . import dispatch as _d
 from . import experts as _e
 from . import query as _q
 from ._launch import acc_dtype
+from ._slot_dropout import seed_tensor
 
 NS = "mammoth_fast"
 
@@ -37,12 +38,13 @@ def _opt(t: Optional[Tensor], like: Tensor, dtype=None) -> Tensor:
     return _empty(like, dtype) if t is None else t
 
 
-def _drop(has_drop: bool, seed: int, p: float):
-    return (seed, p) if has_drop else None
+def make_drop(seed: Optional[Tensor], p: float):
+    return (seed, p) if seed is not None else None
 
 
-def _drop_args(drop):
-    return (True, int(drop[0]), float(drop[1])) if drop is not None else (False, 0, 0.0)
+def drop_args(drop, like: Tensor):
+    """drop (seed, p) or None -> the ops' (seed, p_drop): the seed as a (1,) int64 tensor, or None."""
+    return (seed_tensor(drop[0], like.device), float(drop[1])) if drop is not None else (None, 0.0)
 
 
 # ------------------------------------------------------------------- query
@@ -89,14 +91,14 @@ def query_norm_backward(dq, y, mean, rstd, gamma, use_layernorm, need_dy, need_d
 
 # ---------------------------------------------------------------- dispatch
 @torch.library.custom_op(f"{NS}::dispatch_fwd", mutates_args=())
-def dispatch_fwd(q: Tensor, k: Tensor, mask: Optional[Tensor], has_drop: bool, seed: int,
+def dispatch_fwd(q: Tensor, k: Tensor, mask: Optional[Tensor], seed: Optional[Tensor],
                  p_drop: float) -> List[Tensor]:
-    z, lse = _d.dispatch_forward(q, k, mask, _drop(has_drop, seed, p_drop))
+    z, lse = _d.dispatch_forward(q, k, mask, make_drop(seed, p_drop))
     return [z, lse]
 
 
 @dispatch_fwd.register_fake
-def _(q, k, mask, has_drop, seed, p_drop):
+def _(q, k, mask, seed, p_drop):
     bsz = q.shape[0]
     h, p, dh = k.shape
     acc = acc_dtype(q.dtype)
@@ -104,24 +106,24 @@ def _(q, k, mask, has_drop, seed, p_drop):
 
 
 def dispatch_forward(q, k, mask, drop=None):
-    z, lse = dispatch_fwd(q, k, mask, *_drop_args(drop))
+    z, lse = dispatch_fwd(q, k, mask, *drop_args(drop, q))
     return z, lse
 
 
 @torch.library.custom_op(f"{NS}::dispatch_bwd", mutates_args=())
-def dispatch_bwd(dz: Tensor, q: Tensor, k: Tensor, z: Tensor, lse: Tensor, mask: Optional[Tensor], has_drop: bool,
-                 seed: int, p_drop: float, need_dq: bool, need_dk: bool) -> List[Tensor]:
-    dq, dk = _d.dispatch_backward(dz, q, k, z, lse, mask, _drop(has_drop, seed, p_drop), need_dq, need_dk)
+def dispatch_bwd(dz: Tensor, q: Tensor, k: Tensor, z: Tensor, lse: Tensor, mask: Optional[Tensor],
+                 seed: Optional[Tensor], p_drop: float, need_dq: bool, need_dk: bool) -> List[Tensor]:
+    dq, dk = _d.dispatch_backward(dz, q, k, z, lse, mask, make_drop(seed, p_drop), need_dq, need_dk)
     return [_opt(dq, q), _opt(dk, z)]
 
 
 @dispatch_bwd.register_fake
-def _(dz, q, k, z, lse, mask, has_drop, seed, p_drop, need_dq, need_dk):
+def _(dz, q, k, z, lse, mask, seed, p_drop, need_dq, need_dk):
     return [q.new_empty(q.shape if need_dq else (0,)), z.new_empty(k.shape if need_dk else (0,))]
 
 
 def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq, need_dk):
-    dq, dk = dispatch_bwd(dz, q, k, z, lse, mask, *_drop_args(drop), need_dq, need_dk)
+    dq, dk = dispatch_bwd(dz, q, k, z, lse, mask, *drop_args(drop, q), need_dq, need_dk)
     return (dq if need_dq else None), (dk if need_dk else None)
 
 
@@ -170,42 +172,42 @@ def experts_backward(dy, z, shared_weight, shared_bias, expert_weights, expert_b
 
 # ----------------------------------------------------------------- combine
 @torch.library.custom_op(f"{NS}::combine_fwd", mutates_args=())
-def combine_fwd(q: Tensor, k: Tensor, y: Tensor, mask: Optional[Tensor], out_dtype: torch.dtype, has_drop: bool,
-                seed: int, p_drop: float) -> List[Tensor]:
-    out, lse = _c.combine_forward(q, k, y, mask, out_dtype, _drop(has_drop, seed, p_drop))
+def combine_fwd(q: Tensor, k: Tensor, y: Tensor, mask: Optional[Tensor], out_dtype: torch.dtype,
+                seed: Optional[Tensor], p_drop: float) -> List[Tensor]:
+    out, lse = _c.combine_forward(q, k, y, mask, out_dtype, make_drop(seed, p_drop))
     return [out, lse]
 
 
 @combine_fwd.register_fake
-def _(q, k, y, mask, out_dtype, has_drop, seed, p_drop):
+def _(q, k, y, mask, out_dtype, seed, p_drop):
     bsz, n, _ = q.shape
     return [q.new_empty(bsz, n, y.shape[2], dtype=out_dtype), q.new_empty(bsz, n, k.shape[0], dtype=acc_dtype(q.dtype))]
 
 
 def combine_forward(q, k, y, mask, out_dtype, drop=None):
-    out, lse = combine_fwd(q, k, y, mask, out_dtype, *_drop_args(drop))
+    out, lse = combine_fwd(q, k, y, mask, out_dtype, *drop_args(drop, q))
     return out, lse
 
 
 @torch.library.custom_op(f"{NS}::combine_bwd", mutates_args=())
 def combine_bwd(dout: Tensor, q: Tensor, k: Tensor, y: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
-                has_drop: bool, seed: int, p_drop: float, need_dq: bool, need_dk: bool,
+                seed: Optional[Tensor], p_drop: float, need_dq: bool, need_dk: bool,
                 need_dy: bool) -> List[Tensor]:
-    dq, dk, dy = _c.combine_backward(dout, q, k, y, out, lse, mask, _drop(has_drop, seed, p_drop),
+    dq, dk, dy = _c.combine_backward(dout, q, k, y, out, lse, mask, make_drop(seed, p_drop),
                                      need_dq, need_dk, need_dy)
     acc = acc_dtype(q.dtype)
     return [_opt(dq, q), _opt(dk, q, acc), _opt(dy, q, acc)]
 
 
 @combine_bwd.register_fake
-def _(dout, q, k, y, out, lse, mask, has_drop, seed, p_drop, need_dq, need_dk, need_dy):
+def _(dout, q, k, y, out, lse, mask, seed, p_drop, need_dq, need_dk, need_dy):
     acc = acc_dtype(q.dtype)
     return [q.new_empty(q.shape if need_dq else (0,)), q.new_empty(k.shape if need_dk else (0,), dtype=acc),
             q.new_empty(y.shape if need_dy else (0,), dtype=acc)]
 
 
 def combine_backward(dout, q, k, y, out, lse, mask, drop, need_dq, need_dk, need_dy):
-    dq, dk, dy = combine_bwd(dout, q, k, y, out, lse, mask, *_drop_args(drop), need_dq, need_dk, need_dy)
+    dq, dk, dy = combine_bwd(dout, q, k, y, out, lse, mask, *drop_args(drop, q), need_dq, need_dk, need_dy)
     return (dq if need_dq else None), (dk if need_dk else None), (dy if need_dy else None)
 
 

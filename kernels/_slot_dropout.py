@@ -15,6 +15,11 @@ same bits from the seed, whatever its tile shape: ``slot_keep_np`` and
 4, with one Philox call per four entries. Philox dominates the dispatch's
 work per logit (the dots run on tensor cores), so the tiled draw matters.
 ``slot_keep_mask`` writes the mask out, for tests and for ``return_weights``.
+
+The seed travels as a (1,) int64 tensor on the kernels' device, read by
+``load_seed`` in each kernel, never as a launch-time constant: drawing it is a
+device op (no host sync, no graph break under torch.compile), and a captured
+CUDA graph redraws it on every replay instead of replaying one mask.
 """
 from __future__ import annotations
 
@@ -23,6 +28,15 @@ import triton
 import triton.language as tl
 
 LANES = tl.constexpr(4)  # draws per Philox call, for consecutive slots
+
+
+@triton.jit
+def load_seed(SEED, HAS_DROP: tl.constexpr):
+    """The slot-dropout seed, read from its (1,) int64 tensor; 0 without dropout."""
+    seed = 0
+    if HAS_DROP:
+        seed = tl.load(SEED)
+    return seed
 
 
 @triton.jit
@@ -65,7 +79,8 @@ def slot_keep_pn(seed, p_drop, b, offs_n, h, p0, N, H, P, BLOCK_P: tl.constexpr)
 
 
 @triton.jit
-def _slot_keep_mask_kernel(OUT, seed, p_drop, N, H, P, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+def _slot_keep_mask_kernel(OUT, SEED, p_drop, N, H, P, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+    seed = tl.load(SEED)
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -91,10 +106,17 @@ def kernel_p_drop(p_drop: float) -> float:
     return min(float(p_drop), MAX_P_DROP)
 
 
-def slot_keep_mask(seed: int, p_drop: float, b: int, n: int, h: int, p: int, device) -> torch.Tensor:
-    """The (B, N, H, P) bool keep-mask the kernels use for ``seed`` (N*H*P: tests and return_weights only)."""
+def seed_tensor(seed, device) -> torch.Tensor:
+    """A slot-dropout seed (a Python int, or a tensor holding one) as the kernels
+    read it: a (1,) int64 tensor on ``device``."""
+    return torch.as_tensor(seed, dtype=torch.int64, device=device).reshape(1)
+
+
+def slot_keep_mask(seed, p_drop: float, b: int, n: int, h: int, p: int, device) -> torch.Tensor:
+    """The (B, N, H, P) bool keep-mask the kernels use for ``seed`` (an int or a
+    (1,) int64 tensor; N*H*P values: tests and return_weights only)."""
     out = torch.empty(b, n, h, p, device=device, dtype=torch.int8)
     meta = slot_keep_mask_meta()
     grid = (triton.cdiv(n, meta["BLOCK_N"]), b * h)
-    _slot_keep_mask_kernel[grid](out, seed, kernel_p_drop(p_drop), n, h, p, **meta)
+    _slot_keep_mask_kernel[grid](out, seed_tensor(seed, device), kernel_p_drop(p_drop), n, h, p, **meta)
     return out.bool()

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision
-from ._slot_dropout import kernel_p_drop, slot_keep_np, slot_keep_pn
+from ._slot_dropout import kernel_p_drop, load_seed, seed_tensor, slot_keep_np, slot_keep_pn
 from ._tiles import load_tile
 from .dispatch import _sm_count
 
@@ -67,12 +67,13 @@ def _row_keep(MASK, b, offs_n, n_end, N, HAS_MASK: tl.constexpr):
 @triton.jit
 def _combine_fwd_kernel(
     Q, K, Y, MASK, OUT, LSE,
-    N, P, H, seed, p_drop,
+    N, P, H, SEED, p_drop,
     stride_qb, stride_qn, stride_ob, stride_on,
     HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, DH: tl.constexpr, DO: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_DO: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
+    seed = load_seed(SEED, HAS_DROP)
     pid_n = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -118,7 +119,7 @@ def _combine_fwd_kernel(
 @triton.jit
 def _combine_bwd_dq_kernel(
     Q, K, Y, MASK, OUT, DOUT, LSE, DELTA, DQ,
-    N, P, H, seed, p_drop,
+    N, P, H, SEED, p_drop,
     stride_qb, stride_qn, stride_dqb, stride_dqn,
     HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, NEED_DQ: tl.constexpr, DH: tl.constexpr, DO: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_DO: tl.constexpr,
@@ -126,6 +127,7 @@ def _combine_bwd_dq_kernel(
 ):
     """BLOCK_N patches of one head of one bag: delta_c = dO . out (stored), and
     with NEED_DQ, dq = sum_p Cw (dO . Y[p] - delta_c) K[p] over all P slots."""
+    seed = load_seed(SEED, HAS_DROP)
     pid_n = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -166,7 +168,7 @@ def _combine_bwd_dq_kernel(
 @triton.jit
 def _combine_bwd_dkdy_kernel(
     Q, K, MASK, DOUT, LSE, DELTA, Y, DK_PART, DY_PART,
-    N, P, H, n_per_split, seed, p_drop,
+    N, P, H, n_per_split, SEED, p_drop,
     stride_qb, stride_qn,
     HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, NEED_DK: tl.constexpr, NEED_DY: tl.constexpr,
     DH: tl.constexpr, DO: tl.constexpr,
@@ -175,6 +177,7 @@ def _combine_bwd_dkdy_kernel(
 ):
     """One (p-block, b*h, n-chunk): partial dK[p] = sum_n dL_c q[n] and
     dY[p] = sum_n Cw dO[n] over the chunk's patches."""
+    seed = load_seed(SEED, HAS_DROP)
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2)
@@ -252,7 +255,7 @@ def combine_dkdy_meta(n: int, p: int, dh: int, do: int, bh: int, dtype: torch.dt
 
 
 def _common_args(q: torch.Tensor, mask, drop) -> tuple:
-    seed, p_drop = (drop[0], kernel_p_drop(drop[1])) if drop is not None else (0, 0.0)
+    seed, p_drop = (seed_tensor(drop[0], q.device), kernel_p_drop(drop[1])) if drop is not None else (q, 0.0)
     mask_arg = mask.contiguous().view(torch.uint8) if mask is not None else q
     consts = dict(HAS_MASK=mask is not None, HAS_DROP=drop is not None, DOT_DTYPE=dot_dtype(q.dtype),
                   INPUT_PRECISION=input_precision(), ACC=TORCH_TO_TL[acc_dtype(q.dtype)])
@@ -329,16 +332,17 @@ class CombineFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, y, mask, drop, out_dtype):
-        out, lse = _ops.combine_forward(q, k, y, mask, out_dtype, drop)
-        ctx.save_for_backward(q, k, y, out, lse, mask)
-        ctx.drop = drop
+        seed, ctx.p_drop = _ops.drop_args(drop, q)
+        out, lse = _ops.combine_forward(q, k, y, mask, out_dtype, _ops.make_drop(seed, ctx.p_drop))
+        ctx.save_for_backward(q, k, y, out, lse, mask, seed)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        q, k, y, out, lse, mask = ctx.saved_tensors
-        dq, dk, dy = _ops.combine_backward(dout, q, k, y, out, lse, mask, ctx.drop, *ctx.needs_input_grad[:3])
+        q, k, y, out, lse, mask, seed = ctx.saved_tensors
+        drop = _ops.make_drop(seed, ctx.p_drop)
+        dq, dk, dy = _ops.combine_backward(dout, q, k, y, out, lse, mask, drop, *ctx.needs_input_grad[:3])
         return dq, dk, dy, None, None, None
 
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision
-from ._slot_dropout import kernel_p_drop, slot_keep_np, slot_keep_pn
+from ._slot_dropout import kernel_p_drop, load_seed, seed_tensor, slot_keep_np, slot_keep_pn
 from ._tiles import load_tile
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -51,13 +51,14 @@ def _patch_ok(MASK, seed, p_drop, b, offs_n, h, p0, n_end, N, H, P,
 @triton.jit
 def _dispatch_partial_kernel(
     Q, K, MASK, M_PART, L_PART, ACC_PART,
-    N, P, H, n_per_split, seed, p_drop,
+    N, P, H, n_per_split, SEED, p_drop,
     stride_qb, stride_qn,
     HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, DH: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """One (p-block, b*h, n-chunk): partial (m, l, acc) over n in the chunk."""
+    seed = load_seed(SEED, HAS_DROP)
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2)
@@ -137,7 +138,7 @@ def _dispatch_merge_kernel(
 @triton.jit
 def _dispatch_bwd_dq_kernel(
     Q, K, DZ, LSE, DELTA, MASK, DQ,
-    N, P, H, seed, p_drop,
+    N, P, H, SEED, p_drop,
     stride_qb, stride_qn, stride_dqb, stride_dqn,
     HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, DH: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -145,6 +146,7 @@ def _dispatch_bwd_dq_kernel(
 ):
     """dq for BLOCK_N patches of one (b, h), all P slots streamed:
     dq = sum_p Dw dZ[p] + sum_p Dw (dZ[p] . q - delta[p]) K[p]."""
+    seed = load_seed(SEED, HAS_DROP)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
@@ -177,7 +179,7 @@ def _dispatch_bwd_dq_kernel(
 @triton.jit
 def _dispatch_bwd_dk_kernel(
     Q, K, DZ, LSE, DELTA, MASK, DK_PART,
-    N, P, H, n_per_split, seed, p_drop,
+    N, P, H, n_per_split, SEED, p_drop,
     stride_qb, stride_qn,
     HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, DH: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -185,6 +187,7 @@ def _dispatch_bwd_dk_kernel(
 ):
     """Partial dK over one n-chunk for a p-block of one (b, h):
     dK[p] = sum_n Dw (dZ[p] . q - delta[p]) q[n]; summed over chunks and bags by the launcher."""
+    seed = load_seed(SEED, HAS_DROP)
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2)
@@ -246,6 +249,13 @@ def dispatch_meta(n: int, p: int, dh: int, bh: int, dtype: torch.dtype, sm_count
                 n_per_split=n_per_split, num_warps=4, num_stages=2)
 
 
+def dispatch_dk_meta(n: int, p: int, dh: int, bh: int, dtype: torch.dtype, sm_count: int = 132) -> dict:
+    """dK partials: the forward's grid and tiles. fp32 unpipelined: with 2 stages
+    triton 3.6's ptxas spills 8 bytes in the slot-dropout variant (168 registers)."""
+    meta = dispatch_meta(n, p, dh, bh, dtype, sm_count)
+    return meta if dtype.itemsize <= 2 else {**meta, "num_stages": 1}
+
+
 def dispatch_dq_meta(n: int, p: int, dh: int, dtype: torch.dtype) -> dict:
     """dq: one program per BLOCK_N patches of a head, all P slots streamed.
     fp32 takes 8 warps: its FMA dots on the 64 x 64 tiles spill with 4 on
@@ -263,7 +273,7 @@ def _sm_count(device: torch.device) -> int:
 def _common_args(q: torch.Tensor, mask, drop):
     """Kernel arguments shared by all dispatch kernels: the mask (or a dummy
     pointer), the slot-dropout (seed, p) and the dtype constexprs."""
-    seed, p_drop = (drop[0], kernel_p_drop(drop[1])) if drop is not None else (0, 0.0)
+    seed, p_drop = (seed_tensor(drop[0], q.device), kernel_p_drop(drop[1])) if drop is not None else (q, 0.0)
     mask_arg = mask.contiguous().view(torch.uint8) if mask is not None else q
     consts = dict(HAS_MASK=mask is not None, HAS_DROP=drop is not None, DOT_DTYPE=dot_dtype(q.dtype),
                   INPUT_PRECISION=input_precision(), ACC=TORCH_TO_TL[acc_dtype(q.dtype)])
@@ -323,7 +333,7 @@ def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq: bool, need_dk: bool
             DH=dh, **consts, **meta,
         )
     if need_dk:
-        meta = dispatch_meta(n, p, dh, bsz * h, q.dtype, _sm_count(q.device))
+        meta = dispatch_dk_meta(n, p, dh, bsz * h, q.dtype, _sm_count(q.device))
         n_splits = meta.pop("n_splits")
         n_per_split = meta.pop("n_per_split")
         dk_part = torch.empty(bsz, h, n_splits, p, dh, device=q.device, dtype=z.dtype)
@@ -342,17 +352,18 @@ class DispatchFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, mask, drop):
-        z, lse = _ops.dispatch_forward(q, k, mask, drop)
-        ctx.save_for_backward(q, k, z, lse, mask)
+        seed, ctx.p_drop = _ops.drop_args(drop, q)
+        z, lse = _ops.dispatch_forward(q, k, mask, _ops.make_drop(seed, ctx.p_drop))
+        ctx.save_for_backward(q, k, z, lse, mask, seed)
         ctx.mark_non_differentiable(lse)
-        ctx.drop = drop
         return z, lse
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dz, _dlse):
-        q, k, z, lse, mask = ctx.saved_tensors
-        dq, dk = _ops.dispatch_backward(dz, q, k, z, lse, mask, ctx.drop, *ctx.needs_input_grad[:2])
+        q, k, z, lse, mask, seed = ctx.saved_tensors
+        drop = _ops.make_drop(seed, ctx.p_drop)
+        dq, dk = _ops.dispatch_backward(dz, q, k, z, lse, mask, drop, *ctx.needs_input_grad[:2])
         return dq, dk, None, None
 
 

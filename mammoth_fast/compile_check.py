@@ -50,7 +50,7 @@ from triton.runtime.jit import JITFunction
 from .kernels._launch import TORCH_TO_TL, acc_dtype, dot_dtype, interpreting
 from .kernels._slot_dropout import slot_keep_mask_meta
 from .kernels.combine import combine_dkdy_meta, combine_dq_meta, combine_meta
-from .kernels.dispatch import dispatch_dq_meta, dispatch_meta
+from .kernels.dispatch import dispatch_dk_meta, dispatch_dq_meta, dispatch_meta
 from .kernels.experts import experts_bwd_meta, experts_meta
 from .kernels.query import query_meta, query_norm_bwd_meta
 from .sizes import LayerSizes
@@ -65,8 +65,8 @@ OPTIONS = ("num_warps", "num_stages")
 PACKAGE = "mammoth_fast.kernels"
 MODULE = "mammoth_fast.compile_check"
 PTR_TYPES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-             torch.uint8: "u8", torch.int8: "i8"}
-DROP = (12345, 0.1)  # (seed, p) of slot dropout where HAS_DROP
+             torch.uint8: "u8", torch.int8: "i8", torch.int64: "i64"}
+P_DROP = 0.1  # slot dropout where HAS_DROP
 
 
 @dataclass(frozen=True)
@@ -97,9 +97,9 @@ def _dispatch_meta(sz: Sizes) -> dict:
     return dispatch_meta(sz.n, sz.p, sz.dh, sz.b * sz.h, sz.dtype, H100_SM_COUNT)
 
 
-def _drop(has_drop: bool) -> dict:
-    seed, p_drop = DROP if has_drop else (0, 0.0)
-    return dict(seed=seed, p_drop=p_drop)
+def _drop(sz: Sizes, has_drop: bool) -> dict:
+    """The seed pointer, (1,) int64 (q standing in when there is no dropout), and p."""
+    return dict(SEED=torch.int64 if has_drop else sz.dtype, p_drop=P_DROP if has_drop else 0.0)
 
 
 # One function per kernel, mirroring its launcher's call on contiguous tensors.
@@ -129,7 +129,7 @@ def _dispatch_partial_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool) -> dict:
     del meta["n_splits"]  # the grid's third dim
     return dict(
         Q=sz.dtype, K=sz.acc, MASK=_mask(sz, HAS_MASK), M_PART=sz.acc, L_PART=sz.acc, ACC_PART=sz.acc,
-        N=sz.n, P=sz.p, H=sz.h, n_per_split=meta.pop("n_per_split"), **_drop(HAS_DROP),
+        N=sz.n, P=sz.p, H=sz.h, n_per_split=meta.pop("n_per_split"), **_drop(sz, HAS_DROP),
         stride_qb=sz.n * sz.c, stride_qn=sz.c, HAS_MASK=HAS_MASK, HAS_DROP=HAS_DROP, DH=sz.dh,
         **_precision(sz), **meta,
     )
@@ -147,7 +147,7 @@ def _dispatch_bwd_dq_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool) -> dict:
     """dz, lse, delta and K in ACC; q and dq (B, N, C) contiguous in q's dtype."""
     return dict(
         Q=sz.dtype, K=sz.acc, DZ=sz.acc, LSE=sz.acc, DELTA=sz.acc, MASK=_mask(sz, HAS_MASK), DQ=sz.dtype,
-        N=sz.n, P=sz.p, H=sz.h, **_drop(HAS_DROP), stride_qb=sz.n * sz.c, stride_qn=sz.c,
+        N=sz.n, P=sz.p, H=sz.h, **_drop(sz, HAS_DROP), stride_qb=sz.n * sz.c, stride_qn=sz.c,
         stride_dqb=sz.n * sz.c, stride_dqn=sz.c, HAS_MASK=HAS_MASK, HAS_DROP=HAS_DROP, DH=sz.dh,
         **_precision(sz), **dispatch_dq_meta(sz.n, sz.p, sz.dh, sz.dtype),
     )
@@ -155,11 +155,11 @@ def _dispatch_bwd_dq_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool) -> dict:
 
 def _dispatch_bwd_dk_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool) -> dict:
     """The partials' grid, as the forward's; dK partials in ACC."""
-    meta = _dispatch_meta(sz)
+    meta = dispatch_dk_meta(sz.n, sz.p, sz.dh, sz.b * sz.h, sz.dtype, H100_SM_COUNT)
     del meta["n_splits"]
     return dict(
         Q=sz.dtype, K=sz.acc, DZ=sz.acc, LSE=sz.acc, DELTA=sz.acc, MASK=_mask(sz, HAS_MASK), DK_PART=sz.acc,
-        N=sz.n, P=sz.p, H=sz.h, n_per_split=meta.pop("n_per_split"), **_drop(HAS_DROP),
+        N=sz.n, P=sz.p, H=sz.h, n_per_split=meta.pop("n_per_split"), **_drop(sz, HAS_DROP),
         stride_qb=sz.n * sz.c, stride_qn=sz.c, HAS_MASK=HAS_MASK, HAS_DROP=HAS_DROP, DH=sz.dh,
         **_precision(sz), **meta,
     )
@@ -167,7 +167,7 @@ def _dispatch_bwd_dk_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool) -> dict:
 
 def _slot_keep_mask_args(sz: Sizes) -> dict:
     """``slot_keep_mask``'s launch: an int8 (B, N, H, P) mask (tests and return_weights)."""
-    return dict(OUT=torch.int8, **_drop(True), N=sz.n, H=sz.h, P=sz.p, **slot_keep_mask_meta())
+    return dict(OUT=torch.int8, **_drop(sz, True), N=sz.n, H=sz.h, P=sz.p, **slot_keep_mask_meta())
 
 
 def _experts_args(sz: Sizes, SHARED: bool) -> dict:
@@ -192,7 +192,7 @@ def _experts_bwd_args(sz: Sizes, SHARED: bool, PARAM_GRADS: bool, INPUT_GRAD: bo
 def _combine_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool) -> dict:
     return dict(
         Q=sz.dtype, K=sz.acc, Y=sz.acc, MASK=_mask(sz, HAS_MASK), OUT=sz.dtype, LSE=sz.acc, N=sz.n, P=sz.p, H=sz.h,
-        **_drop(HAS_DROP), stride_qb=sz.n * sz.c, stride_qn=sz.c, stride_ob=sz.n * sz.d, stride_on=sz.d,
+        **_drop(sz, HAS_DROP), stride_qb=sz.n * sz.c, stride_qn=sz.c, stride_ob=sz.n * sz.d, stride_on=sz.d,
         HAS_MASK=HAS_MASK, HAS_DROP=HAS_DROP, DH=sz.dh, DO=sz.do, **_precision(sz),
         **combine_meta(sz.n, sz.p, sz.dh, sz.do, sz.dtype),
     )
@@ -202,7 +202,7 @@ def _combine_bwd_dq_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool, NEED_DQ: boo
     """q, out, dO and dq (B, N, *) contiguous in the compute dtype; K, Y, LSE and delta_c in ACC."""
     return dict(
         Q=sz.dtype, K=sz.acc, Y=sz.acc, MASK=_mask(sz, HAS_MASK), OUT=sz.dtype, DOUT=sz.dtype, LSE=sz.acc,
-        DELTA=sz.acc, DQ=sz.dtype, N=sz.n, P=sz.p, H=sz.h, **_drop(HAS_DROP), stride_qb=sz.n * sz.c,
+        DELTA=sz.acc, DQ=sz.dtype, N=sz.n, P=sz.p, H=sz.h, **_drop(sz, HAS_DROP), stride_qb=sz.n * sz.c,
         stride_qn=sz.c, stride_dqb=sz.n * sz.c, stride_dqn=sz.c, HAS_MASK=HAS_MASK, HAS_DROP=HAS_DROP,
         NEED_DQ=NEED_DQ, DH=sz.dh, DO=sz.do, **_precision(sz),
         **combine_dq_meta(sz.n, sz.p, sz.dh, sz.do, sz.dtype),
@@ -216,7 +216,7 @@ def _combine_bwd_dkdy_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool, NEED_DK: b
     return dict(
         Q=sz.dtype, K=sz.acc, MASK=_mask(sz, HAS_MASK), DOUT=sz.dtype, LSE=sz.acc, DELTA=sz.acc, Y=sz.acc,
         DK_PART=sz.acc, DY_PART=sz.acc, N=sz.n, P=sz.p, H=sz.h, n_per_split=meta.pop("n_per_split"),
-        **_drop(HAS_DROP), stride_qb=sz.n * sz.c, stride_qn=sz.c, HAS_MASK=HAS_MASK, HAS_DROP=HAS_DROP,
+        **_drop(sz, HAS_DROP), stride_qb=sz.n * sz.c, stride_qn=sz.c, HAS_MASK=HAS_MASK, HAS_DROP=HAS_DROP,
         NEED_DK=NEED_DK, NEED_DY=NEED_DY, DH=sz.dh, DO=sz.do, **_precision(sz), **meta,
     )
 

@@ -13,10 +13,10 @@ Functions are once-differentiable and say so when asked for it.
 
 The slot keys K = slot_norm(slot_embeds) (H * P * dh values) and the dropout
 on Y (B * P * D values) are plain PyTorch: small, and differentiated by
-autograd. Slot dropout draws one seed per forward from torch's CPU generator;
-the kernels regenerate the keep-mask from it (``kernels/_slot_dropout.py``).
-The seed is a kernel argument fixed at launch: a captured CUDA graph would
-replay one mask, so do not capture training steps with slot_dropout > 0.
+autograd. Slot dropout draws one seed per forward, a (1,) int64 tensor on the
+device, and the kernels regenerate the keep-mask from it
+(``kernels/_slot_dropout.py``): no host sync, no graph break under
+torch.compile, and a captured CUDA graph draws a new mask on every replay.
 """
 from __future__ import annotations
 
@@ -43,10 +43,11 @@ def needs_grad(layer, feats: Tensor) -> bool:
     return torch.is_grad_enabled() and (feats.requires_grad or any(p.requires_grad for p in layer.parameters()))
 
 
-def draw_slot_seed() -> int:
-    """A slot-dropout seed from torch's (CPU) default generator: no device sync,
-    and ``torch.manual_seed`` makes it reproducible."""
-    return int(torch.randint(SEED_RANGE, (1,)).item())
+def draw_slot_seed(device) -> Tensor:
+    """A slot-dropout seed, (1,) int64 on ``device``, from that device's default
+    generator: no host sync, traced by torch.compile, redrawn by every replay of
+    a captured CUDA graph; ``torch.manual_seed`` makes it reproducible."""
+    return torch.randint(SEED_RANGE, (1,), device=device)
 
 
 def forward(layer, feats: Tensor, mask: Optional[Tensor], return_weights: bool):
@@ -59,7 +60,7 @@ def forward(layer, feats: Tensor, mask: Optional[Tensor], return_weights: bool):
     bsz, n, din = feats.shape
     drop = None
     if layer.training and layer.slot_dropout > 0:
-        drop = (draw_slot_seed(), float(layer.slot_dropout))
+        drop = (draw_slot_seed(feats.device), float(layer.slot_dropout))
 
     x = feats.to(dtype).reshape(bsz * n, din)
     weight = p.wq_weight.to(dtype)

@@ -72,6 +72,62 @@ def test_inductor_training_step_matches_eager():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("keep_slots", [True, False], ids=["slots", "tokens"])
+def test_training_with_slot_dropout_compiles_without_graph_breaks(keep_slots):
+    """The slot-dropout seed is drawn on the device as a tensor (no .item()):
+    a training step is one graph, and draws the same masks as eager from the
+    same torch.manual_seed (aot_eager keeps eager's RNG)."""
+    layer, x, m = small_inputs(mask=True)
+    layer.keep_slots = keep_slots
+    layer.slot_dropout = 0.3
+    layer.expert_heads.dropout.p = 0.2
+    layer.train()
+    prms = [x.requires_grad_(), layer.wq.weight, layer.slot_embeds, layer.expert_heads.lora_layers.expert_weights]
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(layer)(x, mask=m)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    torch.manual_seed(5)
+    ref = layer(x, mask=m)
+    g_ref = torch.autograd.grad(ref.square().sum(), prms)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.manual_seed(5)
+    out = compiled(x, mask=m)
+    g = torch.autograd.grad(out.square().sum(), prms)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)
+    torch.manual_seed(6)
+    assert not torch.equal(compiled(x, mask=m), out)  # a fresh seed per step, not one baked into the graph
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_cuda_graph_replays_draw_fresh_slot_masks():
+    """The seed is read by the kernels from a device tensor that the captured
+    graph redraws: each replay routes with a new slot-dropout mask."""
+    layer = make_layer("small", seed=3, keep_slots=False, backend="triton", slot_dropout=0.3,
+                       dropout=0.0).to("cuda", torch.float32).train()
+    x = torch.randn(2, 50, layer.input_dim, device="cuda")
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compile the kernels before capture
+                layer(x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(x)
+        outs = []
+        for _ in range(3):
+            graph.replay()
+            outs.append(out.clone())
+        layer.eval()
+        clean = layer(x)
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+    assert all(not torch.equal(o, clean) for o in outs)
+
+
 def test_compiled_mil_model_without_graph_breaks():
     torch.manual_seed(0)
     moe_args = dict(num_experts=2, num_slots=3, num_heads=2, slot_dim=8, keep_slots=True, backend="triton")
@@ -103,7 +159,7 @@ def op_samples():
     yield "query_fwd", (*xs[:4], None, False, False)
     yield "query_norm_bwd", (torch.randn_like(q.view(18, -1)), y_pre, mean, rstd, xs[3], True, True, True)
     q = q.detach()
-    for mask, drop in ((None, (False, 0, 0.0)), (m, (True, 1234, 0.3))):
+    for mask, drop in ((None, (None, 0.0)), (m, (torch.tensor([1234], device=DEVICE), 0.3))):
         z, lse = _ops.dispatch_fwd(q, k, mask, *drop)
         yield "dispatch_fwd", (q, k, mask, *drop)
         yield "dispatch_bwd", (torch.randn_like(z), q, k, z, lse, mask, *drop, True, True)

@@ -124,7 +124,7 @@ def ref_kwargs(ref: Mammoth) -> dict:
 def test_gradcheck_whole_layer_float64(monkeypatch):
     # every input of the layer at once, masked batch, training with slot dropout
     # (seed pinned: the same mask in each of gradcheck's evaluations)
-    monkeypatch.setattr(triton_backend, "draw_slot_seed", lambda: SEED)
+    monkeypatch.setattr(triton_backend, "draw_slot_seed", lambda device: torch.tensor([SEED], device=device))
     cfg = dict(input_dim=10, dim=8, num_experts=2, num_slots=3, num_heads=2, slot_dim=6, auto_rank=False,
                lora_rank=3, dropout=0.0, slot_dropout=0.2)
     mask = random_mask(2, 5, seed=4).to(DEVICE)
@@ -314,9 +314,9 @@ def test_training_grads_match_reference_given_the_same_masks(keep_slots, monkeyp
     mask = random_mask(2, 60, seed=25)
     torch.manual_seed(26)
     got = layer_grads(layer, x, dout, mask)
-    # the backend's draws, replayed: the slot seed (CPU generator), then Y's keep-mask
+    # the backend's draws, replayed: the slot seed (the device's generator), then Y's keep-mask
     torch.manual_seed(26)
-    seed = triton_backend.draw_slot_seed()
+    seed = triton_backend.draw_slot_seed(DEVICE)
     p_total = ref.num_experts * ref.num_slots
     y_keep = torch.rand(2, p_total, ref.dim, device=DEVICE) >= 0.25
     slot_keep = slot_keep_mask(seed, 0.3, 2, 60, ref.num_heads, p_total, DEVICE).cpu()
