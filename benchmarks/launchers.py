@@ -1,5 +1,8 @@
 """The triton backend's kernel launchers as zero-argument callables, for timing.
 
+Each calls the launcher's operator (``mammoth_fast.kernels._ops``), as the
+layer does: the time includes the op dispatch the layer pays.
+
 ``build_cases(n, dtype, device)`` runs the forward chain once to make
 realistic inputs (q, K, Z, LSEs, Y, out) for one bag of ``n`` patches at the
 recommended sizes, then returns one ``LauncherCase`` per launcher: the query,
@@ -34,10 +37,8 @@ CASE_NAMES = ("query_fwd", "query_fwd_train", "dispatch_fwd", "experts_fwd", "co
 def build_cases(n: int, dtype: torch.dtype, device, sz: Sizes = RECOMMENDED, seed: int = 0) -> Dict[str, LauncherCase]:
     from mammoth_fast import Mammoth, reference
     from mammoth_fast.kernels._launch import acc_dtype
-    from mammoth_fast.kernels.combine import combine_backward, combine_forward
-    from mammoth_fast.kernels.dispatch import dispatch_backward, dispatch_forward
-    from mammoth_fast.kernels.experts import experts_backward, experts_forward
-    from mammoth_fast.kernels.query import query_forward, query_norm_backward
+    from mammoth_fast.kernels._ops import (combine_backward, combine_forward, dispatch_backward, dispatch_forward,
+                                           experts_backward, experts_forward, query_forward, query_norm_backward)
 
     device = torch.device(device)
     torch.manual_seed(seed)
@@ -50,8 +51,7 @@ def build_cases(n: int, dtype: torch.dtype, device, sz: Sizes = RECOMMENDED, see
         x = torch.randn(bn, sz.din, device=device, dtype=dtype)
         w = prm.wq_weight.to(dtype)  # the backend casts Wq to the compute dtype
         qargs = (x, w, prm.wq_bias, prm.norm_gamma, prm.norm_beta, prm.use_layernorm)
-        y_pre = torch.empty(bn, sz.c, device=device, dtype=dtype)
-        q, mean, rstd = query_forward(*qargs, y_out=y_pre)
+        q, mean, rstd, y_pre = query_forward(*qargs, store_y=True)
         q3 = q.view(sz.b, n, sz.c)
         k = reference.slot_keys(prm, acc).contiguous()
         lora = (prm.shared_weight, prm.shared_bias, prm.expert_weights, prm.expert_bias, prm.expert_gamma)
@@ -71,7 +71,7 @@ def build_cases(n: int, dtype: torch.dtype, device, sz: Sizes = RECOMMENDED, see
 
     cases = [
         ("query_fwd", lambda: query_forward(*qargs), ("query fwd",)),
-        ("query_fwd_train", lambda: query_forward(*qargs, y_out=y_pre), ("query fwd (+y)",)),
+        ("query_fwd_train", lambda: query_forward(*qargs, store_y=True), ("query fwd (+y)",)),
         ("dispatch_fwd", lambda: dispatch_forward(q3, k, None), ("dispatch fwd partial", "dispatch fwd merge")),
         ("experts_fwd", lambda: experts_forward(z, *lora), ("experts fwd",)),
         ("combine_fwd", lambda: combine_forward(q3, k, y, None, dtype), ("combine fwd",)),

@@ -21,6 +21,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton") and not interpreting()
+"""Whether the launchers are registered as ``torch.library.triton_op`` (torch >=
+2.6, compiled kernels): torch.compile then traces into each launcher and sees
+every kernel launch. Under the interpreter the kernels are plain Python
+functions that cannot be traced, and the launchers are opaque
+``torch.library.custom_op`` ops instead (``kernels/_ops.py``)."""
+
+
+def traceable(kernel):
+    """``kernel`` as its launcher calls it: through ``torch.library.wrap_triton``
+    when the launchers are triton_ops, so that tracing records the launch."""
+    return torch.library.wrap_triton(kernel) if TRITON_OP else kernel
+
+
 def check_device(*tensors: torch.Tensor) -> None:
     """Kernels run on CUDA tensors, or on CPU tensors under the interpreter."""
     for t in tensors:

@@ -1,18 +1,19 @@
-"""The kernel launchers as PyTorch custom ops (namespace ``mammoth_fast``), for torch.compile.
+"""The kernel launchers as PyTorch operators (namespace ``mammoth_fast``), for torch.compile.
 
-Each launcher (forward and backward of query, dispatch, experts, combine) is a
-``torch.library.custom_op`` with a fake (meta) implementation giving its
-outputs' shapes and dtypes, so ``torch.compile`` keeps it in the graph as one
-opaque node instead of breaking the graph at the Triton launch. Autograd stays
-in the ``*Function`` classes, which call these ops. The wrappers below keep the
+Each launcher (forward and backward of query, dispatch, experts, combine) is
+registered with ``torch.library.triton_op`` where torch offers it (>= 2.6) and
+the kernels are compiled: the launchers call their kernels through
+``wrap_triton`` (``_launch.traceable``), so torch.compile traces into them and
+Inductor sees every kernel launch as a node of its graph (and
+``torch.export`` + AOTInductor can package them). Under Triton's CPU
+interpreter the kernels are plain Python that cannot be traced, and the same
+launchers are registered as opaque ``torch.library.custom_op`` ops
+(``_launch.TRITON_OP`` says which). Either way each op has a fake (meta)
+implementation giving its outputs' shapes and dtypes, and autograd stays in the
+``*Function`` classes, which call these ops. The wrappers below keep the
 launchers' signatures (``None`` for an absent tensor, ``drop`` as (seed, p) or
-None); a custom op cannot return None, so an absent output travels as an empty
+None); an op cannot return None, so an absent output travels as an empty
 tensor and is turned back into None here.
-
-``torch.library.triton_op`` / ``wrap_triton`` (which would let Inductor see
-inside the kernels) is not used: it does not run Triton's CPU interpreter, so
-the ops could not be tested without a GPU, and Inductor gains nothing from
-seeing the fused kernels' insides.
 """
 
 from typing import List, Optional
@@ -24,10 +25,16 @@ from . import combine as _c
 from . import dispatch as _d
 from . import experts as _e
 from . import query as _q
-from ._launch import acc_dtype
+from ._launch import TRITON_OP, acc_dtype
 from ._slot_dropout import seed_tensor
 
 NS = "mammoth_fast"
+
+
+def _op(name: str):
+    """Registers a launcher as the operator ``mammoth_fast::<name>``."""
+    register = torch.library.triton_op if TRITON_OP else torch.library.custom_op
+    return register(f"{NS}::{name}", mutates_args=())
 
 
 def _empty(like: Tensor, dtype=None) -> Tensor:
@@ -48,7 +55,7 @@ def drop_args(drop, like: Tensor):
 
 
 # ------------------------------------------------------------------- query
-@torch.library.custom_op(f"{NS}::query_fwd", mutates_args=())
+@_op("query_fwd")
 def query_fwd(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: Optional[Tensor],
               use_layernorm: bool, store_y: bool) -> List[Tensor]:
     m, c = x.shape[0], weight.shape[0]
@@ -72,7 +79,7 @@ def query_forward(x, weight, bias, gamma, beta, use_layernorm, store_y=False):
     return q, (mean if use_layernorm else None), rstd, (y if store_y else None)
 
 
-@torch.library.custom_op(f"{NS}::query_norm_bwd", mutates_args=())
+@_op("query_norm_bwd")
 def query_norm_bwd(dq: Tensor, y: Tensor, mean: Optional[Tensor], rstd: Tensor, gamma: Tensor, use_layernorm: bool,
                    need_dy: bool, need_dgamma: bool) -> List[Tensor]:
     dy, dgamma = _q.query_norm_backward(dq, y, mean, rstd, gamma, use_layernorm, need_dy, need_dgamma)
@@ -90,7 +97,7 @@ def query_norm_backward(dq, y, mean, rstd, gamma, use_layernorm, need_dy, need_d
 
 
 # ---------------------------------------------------------------- dispatch
-@torch.library.custom_op(f"{NS}::dispatch_fwd", mutates_args=())
+@_op("dispatch_fwd")
 def dispatch_fwd(q: Tensor, k: Tensor, mask: Optional[Tensor], seed: Optional[Tensor],
                  p_drop: float) -> List[Tensor]:
     z, lse = _d.dispatch_forward(q, k, mask, make_drop(seed, p_drop))
@@ -110,7 +117,7 @@ def dispatch_forward(q, k, mask, drop=None):
     return z, lse
 
 
-@torch.library.custom_op(f"{NS}::dispatch_bwd", mutates_args=())
+@_op("dispatch_bwd")
 def dispatch_bwd(dz: Tensor, q: Tensor, k: Tensor, z: Tensor, lse: Tensor, mask: Optional[Tensor],
                  seed: Optional[Tensor], p_drop: float, need_dq: bool, need_dk: bool) -> List[Tensor]:
     dq, dk = _d.dispatch_backward(dz, q, k, z, lse, mask, make_drop(seed, p_drop), need_dq, need_dk)
@@ -128,7 +135,7 @@ def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq, need_dk):
 
 
 # ----------------------------------------------------------------- experts
-@torch.library.custom_op(f"{NS}::experts_fwd", mutates_args=())
+@_op("experts_fwd")
 def experts_fwd(z: Tensor, shared_weight: Tensor, shared_bias: Tensor, expert_weights: Tensor, expert_bias: Tensor,
                 expert_gamma: Tensor) -> List[Tensor]:
     y, inv_norm = _e.experts_forward(z, shared_weight, shared_bias, expert_weights, expert_bias, expert_gamma)
@@ -146,7 +153,7 @@ def experts_forward(z, shared_weight, shared_bias, expert_weights, expert_bias, 
     return y, inv_norm
 
 
-@torch.library.custom_op(f"{NS}::experts_bwd", mutates_args=())
+@_op("experts_bwd")
 def experts_bwd(dy: Tensor, z: Tensor, shared_weight: Tensor, shared_bias: Tensor, expert_weights: Tensor,
                 expert_bias: Tensor, expert_gamma: Tensor, inv_norm: Tensor, need_param_grads: bool,
                 need_dz: bool) -> List[Tensor]:
@@ -171,7 +178,7 @@ def experts_backward(dy, z, shared_weight, shared_bias, expert_weights, expert_b
 
 
 # ----------------------------------------------------------------- combine
-@torch.library.custom_op(f"{NS}::combine_fwd", mutates_args=())
+@_op("combine_fwd")
 def combine_fwd(q: Tensor, k: Tensor, y: Tensor, mask: Optional[Tensor], out_dtype: torch.dtype,
                 seed: Optional[Tensor], p_drop: float) -> List[Tensor]:
     out, lse = _c.combine_forward(q, k, y, mask, out_dtype, make_drop(seed, p_drop))
@@ -189,7 +196,7 @@ def combine_forward(q, k, y, mask, out_dtype, drop=None):
     return out, lse
 
 
-@torch.library.custom_op(f"{NS}::combine_bwd", mutates_args=())
+@_op("combine_bwd")
 def combine_bwd(dout: Tensor, q: Tensor, k: Tensor, y: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
                 seed: Optional[Tensor], p_drop: float, need_dq: bool, need_dk: bool,
                 need_dy: bool) -> List[Tensor]:

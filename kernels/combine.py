@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision
+from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision, traceable
 from ._slot_dropout import kernel_p_drop, load_seed, seed_tensor, slot_keep_np, slot_keep_pn
 from ._tiles import load_tile
 from .dispatch import _sm_count
@@ -278,7 +278,7 @@ def combine_forward(q: torch.Tensor, k: torch.Tensor, y: torch.Tensor, mask: tor
     out = torch.empty(bsz, n, d, device=q.device, dtype=out_dtype)
     lse = torch.empty(bsz, n, h, device=q.device, dtype=acc_dtype(q.dtype))
     mask_arg, seed, p_drop, consts = _common_args(q, mask, drop)
-    _combine_fwd_kernel[(triton.cdiv(n, meta["BLOCK_N"]), h, bsz)](
+    traceable(_combine_fwd_kernel)[(triton.cdiv(n, meta["BLOCK_N"]), h, bsz)](
         q, k, y, mask_arg, out, lse,
         n, p, h, seed, p_drop, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         DH=dh, DO=do, **consts, **meta,
@@ -303,7 +303,7 @@ def combine_backward(dout, q, k, y, out, lse, mask, drop, need_dq: bool, need_dk
         meta = combine_dq_meta(n, p, dh, do, q.dtype)
         dq = torch.empty(bsz, n, c, device=q.device, dtype=q.dtype) if need_dq else None
         dq_arg = dq if need_dq else q
-        _combine_bwd_dq_kernel[(triton.cdiv(n, meta["BLOCK_N"]), h, bsz)](
+        traceable(_combine_bwd_dq_kernel)[(triton.cdiv(n, meta["BLOCK_N"]), h, bsz)](
             q, k, y, mask_arg, out, dout, lse, delta, dq_arg,
             n, p, h, seed, p_drop, q.stride(0), q.stride(1), dq_arg.stride(0), dq_arg.stride(1),
             NEED_DQ=need_dq, DH=dh, DO=do, **consts, **meta,
@@ -314,7 +314,7 @@ def combine_backward(dout, q, k, y, out, lse, mask, drop, need_dq: bool, need_dk
         n_per_split = meta.pop("n_per_split")
         dk_part = torch.empty(bsz, h, n_splits, p, dh, **acc) if need_dk else delta
         dy_part = torch.empty(bsz, h, n_splits, p, do, **acc) if need_dy else delta
-        _combine_bwd_dkdy_kernel[(triton.cdiv(p, meta["BLOCK_P"]), bsz * h, n_splits)](
+        traceable(_combine_bwd_dkdy_kernel)[(triton.cdiv(p, meta["BLOCK_P"]), bsz * h, n_splits)](
             q, k, mask_arg, dout, lse, delta, y, dk_part, dy_part,
             n, p, h, n_per_split, seed, p_drop, q.stride(0), q.stride(1),
             NEED_DK=need_dk, NEED_DY=need_dy, DH=dh, DO=do, **consts, **meta,

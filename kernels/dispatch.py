@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision
+from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision, traceable
 from ._slot_dropout import kernel_p_drop, load_seed, seed_tensor, slot_keep_np, slot_keep_pn
 from ._tiles import load_tile
 
@@ -298,13 +298,13 @@ def dispatch_forward(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None
     l_part = torch.empty(bsz * h, n_splits, p, **acc)
     acc_part = torch.empty(bsz * h, n_splits, p, dh, **acc)
     grid = (triton.cdiv(p, meta["BLOCK_P"]), bsz * h, n_splits)
-    _dispatch_partial_kernel[grid](
+    traceable(_dispatch_partial_kernel)[grid](
         q, k, mask_arg, m_part, l_part, acc_part,
         n, p, h, n_per_split, seed, p_drop, q.stride(0), q.stride(1), DH=dh, **consts, **meta,
     )
     z = torch.empty(bsz, h, p, dh, **acc)
     lse = torch.empty(bsz, h, p, **acc)
-    _dispatch_merge_kernel[(triton.cdiv(p, meta["BLOCK_P"]), bsz * h)](
+    traceable(_dispatch_merge_kernel)[(triton.cdiv(p, meta["BLOCK_P"]), bsz * h)](
         m_part, l_part, acc_part, z, lse, p, n_splits,
         DH=dh, BLOCK_P=meta["BLOCK_P"], BLOCK_D=meta["BLOCK_D"], ACC=consts["ACC"],
     )
@@ -327,7 +327,7 @@ def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq: bool, need_dk: bool
     if need_dq:
         meta = dispatch_dq_meta(n, p, dh, q.dtype)
         dq = torch.empty(bsz, n, c, device=q.device, dtype=q.dtype)
-        _dispatch_bwd_dq_kernel[(triton.cdiv(n, meta["BLOCK_N"]), bsz * h)](
+        traceable(_dispatch_bwd_dq_kernel)[(triton.cdiv(n, meta["BLOCK_N"]), bsz * h)](
             q, k, dz, lse, delta, mask_arg, dq,
             n, p, h, seed, p_drop, q.stride(0), q.stride(1), dq.stride(0), dq.stride(1),
             DH=dh, **consts, **meta,
@@ -337,7 +337,7 @@ def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq: bool, need_dk: bool
         n_splits = meta.pop("n_splits")
         n_per_split = meta.pop("n_per_split")
         dk_part = torch.empty(bsz, h, n_splits, p, dh, device=q.device, dtype=z.dtype)
-        _dispatch_bwd_dk_kernel[(triton.cdiv(p, meta["BLOCK_P"]), bsz * h, n_splits)](
+        traceable(_dispatch_bwd_dk_kernel)[(triton.cdiv(p, meta["BLOCK_P"]), bsz * h, n_splits)](
             q, k, dz, lse, delta, mask_arg, dk_part,
             n, p, h, n_per_split, seed, p_drop, q.stride(0), q.stride(1),
             DH=dh, **consts, **meta,

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._launch import MIN_DOT, TORCH_TO_TL, acc_dtype, block, check_device, input_precision
+from ._launch import MIN_DOT, TORCH_TO_TL, acc_dtype, block, check_device, input_precision, traceable
 
 L2NORM_EPS = tl.constexpr(1e-8)
 
@@ -211,7 +211,7 @@ def experts_forward(z: torch.Tensor, shared_weight, shared_bias, expert_weights,
     y = torch.empty(bsz, p, h * do, device=z.device, dtype=z.dtype)
     inv_norm = torch.empty(bsz, p, device=z.device, dtype=z.dtype)
     grid = (triton.cdiv(s, meta["BLOCK_S"]), e, bsz)
-    _experts_fwd_kernel[grid](
+    traceable(_experts_fwd_kernel)[grid](
         z.contiguous(), shared_weight.contiguous(), shared_bias.contiguous(), expert_weights.contiguous(),
         expert_bias.contiguous(), expert_gamma.contiguous(), y, inv_norm,
         s, h, r, do,
@@ -243,7 +243,7 @@ def experts_backward(dy, z, shared_weight, shared_bias, expert_weights, expert_b
     # pointers that are never written
     part_shapes = ((h, dh, r), (h, r), (h, r, do), (h * do,), (h * do,))
     parts = [torch.empty(bsz, ns, e, *shape, **acc) for shape in part_shapes] if need_param_grads else [dy] * 5
-    _experts_bwd_kernel[(ns, e, bsz)](
+    traceable(_experts_bwd_kernel)[(ns, e, bsz)](
         z.contiguous(), *(t.contiguous() for t in params), inv_norm.contiguous(), dy.contiguous(),
         z if dz is None else dz, *parts,
         s, h, r, do,

@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision
+from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision, traceable
 
 
 @triton.jit
@@ -108,7 +108,7 @@ def query_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gam
     mean = torch.empty(m, **stat) if use_layernorm else None
     rstd = torch.empty(m, **stat)
     grid = (triton.cdiv(m, meta["BLOCK_M"]),)
-    _query_fwd_kernel[grid](
+    traceable(_query_fwd_kernel)[grid](
         x, weight, bias, gamma, beta if beta is not None else gamma, q, y_out if y_out is not None else q,
         mean if mean is not None else rstd, rstd,
         m, k, c, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), q.stride(0),
@@ -186,7 +186,7 @@ def query_norm_backward(dq: torch.Tensor, y: torch.Tensor, mean: torch.Tensor | 
     grid = (triton.cdiv(m, meta["BLOCK_M"]),)
     dy = torch.empty_like(y) if need_dy else None
     dgamma_part = torch.empty(grid[0], c, device=y.device, dtype=rstd.dtype) if need_dgamma else None
-    _query_norm_bwd_kernel[grid](
+    traceable(_query_norm_bwd_kernel)[grid](
         dq, y, mean if mean is not None else rstd, rstd, gamma,
         dy if need_dy else y, dgamma_part if need_dgamma else rstd,
         m, c, dq.stride(0), dq.stride(1),

@@ -325,7 +325,7 @@ class Mammoth(nn.Module):
 
     def forward(
         self, feats: Tensor, return_weights: bool = False, mask: Optional[Tensor] = None,
-        cu_seqlens: Optional[Tensor] = None,
+        cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
     ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         """feats (B, N, input_dim) or (N, input_dim) -> (B, E*S, dim) with keep_slots,
         else (B, N, dim); an unbatched input gets B = 1, as upstream.
@@ -337,11 +337,16 @@ class Mammoth(nn.Module):
         rows cu_seqlens[b]:cu_seqlens[b+1] and is routed among its own patches only.
         The output is (B, E*S, dim) with keep_slots, else packed (total_N, dim).
         Excludes ``mask``. The bags run padded to the longest (see :meth:`_forward_packed`).
+        max_seqlen: with cu_seqlens, the longest bag's length (or any bound above
+        it: the bags are padded to it), as flash-attention takes it; saves a host
+        sync, and lets torch.compile trace packed bags without a graph break.
         return_weights: also return the dispatch weights, (B, N, E, H, S); packed
         (total_N, E, H, S) with cu_seqlens.
         """
         if cu_seqlens is not None:
-            return self._forward_packed(feats, cu_seqlens, return_weights, mask)
+            return self._forward_packed(feats, cu_seqlens, max_seqlen, return_weights, mask)
+        if max_seqlen is not None:
+            raise ValueError("Mammoth: max_seqlen goes with cu_seqlens (packed bags)")
         feats, mask = self._check_input(feats, mask)
         backend = self.resolve_backend(feats)
         if backend == "triton":
@@ -360,8 +365,9 @@ class Mammoth(nn.Module):
         return out
 
     # ------------------------------------------------------ packed (varlen) bags
-    def _check_cu_seqlens(self, feats: Tensor, cu_seqlens: Tensor, mask: Optional[Tensor]) -> Tensor:
-        """The validated offsets' bag lengths (B,), int64, on feats' device."""
+    def _check_cu_seqlens(self, feats: Tensor, cu_seqlens: Tensor, max_seqlen: Optional[int],
+                          mask: Optional[Tensor]) -> int:
+        """Validates packed bags; returns the length to pad them to."""
         if mask is not None:
             raise ValueError("Mammoth: pass either mask (padded bags) or cu_seqlens (packed bags), not both")
         if not isinstance(feats, Tensor) or feats.dim() != 2:
@@ -376,6 +382,13 @@ class Mammoth(nn.Module):
             )
         if cu_seqlens.device != feats.device:
             raise ValueError(f"Mammoth: cu_seqlens is on {cu_seqlens.device} but feats are on {feats.device}")
+        if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int)
+                                       or max_seqlen < 1):
+            raise ValueError(f"Mammoth: max_seqlen must be a positive int, got {max_seqlen!r}")
+        if torch.compiler.is_compiling():
+            # the checks below read the offsets on the host: skipped under torch.compile,
+            # which needs max_seqlen to trace the padded shape without a graph break
+            return max_seqlen if max_seqlen is not None else int(cu_seqlens.diff().max())
         total = feats.shape[0]
         first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
         if first != 0:
@@ -389,16 +402,23 @@ class Mammoth(nn.Module):
                 f"Mammoth: cu_seqlens must be strictly increasing; bag(s) {bags} are empty or negative "
                 f"(lengths {lengths.tolist()})"
             )
-        return lengths
+        longest = int(lengths.max())
+        if max_seqlen is not None and max_seqlen < longest:
+            raise ValueError(f"Mammoth: max_seqlen = {max_seqlen} but the longest bag has {longest} patches")
+        return longest if max_seqlen is None else max_seqlen
 
-    def _forward_packed(self, feats: Tensor, cu_seqlens: Tensor, return_weights: bool, mask: Optional[Tensor]):
+    def _forward_packed(self, feats: Tensor, cu_seqlens: Tensor, max_seqlen: Optional[int], return_weights: bool,
+                        mask: Optional[Tensor]):
         """Packed bags through the padded path: scatter into (B, max_len, Din) with a
         mask, run, and gather the per-patch outputs back (O(B * max_len * Din) extra
-        memory for the padded copy; padding takes no part in the routing)."""
-        lengths = self._check_cu_seqlens(feats, cu_seqlens, mask)
-        b, max_len = lengths.numel(), int(lengths.max())
-        bag = torch.repeat_interleave(torch.arange(b, device=feats.device), lengths)  # (total_N,)
-        pos = torch.arange(feats.shape[0], device=feats.device) - cu_seqlens.long()[:-1][bag]
+        memory for the padded copy; padding takes no part in the routing). Shapes
+        depend on the offsets only through max_len."""
+        max_len = self._check_cu_seqlens(feats, cu_seqlens, max_seqlen, mask)
+        b, total = cu_seqlens.numel() - 1, feats.shape[0]
+        starts = cu_seqlens.long()
+        rows = torch.arange(total, device=feats.device)
+        bag = torch.searchsorted(starts[1:], rows, right=True)  # (total_N,): the bag of each row
+        pos = rows - starts[bag]  # (total_N,): its place in the bag
         padded = feats.new_zeros(b, max_len, feats.shape[-1]).index_put((bag, pos), feats)
         pad_mask = torch.zeros(b, max_len, dtype=torch.bool, device=feats.device).index_put(
             (bag, pos), torch.ones((), dtype=torch.bool, device=feats.device))
@@ -410,4 +430,3 @@ class Mammoth(nn.Module):
         if not self.keep_slots:
             out = out[bag, pos]  # (total_N, D)
         return (out, weights) if return_weights else out
-

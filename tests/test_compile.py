@@ -1,7 +1,13 @@
-"""torch.compile: the Triton launchers are custom ops (mammoth_fast::*) with fake
+"""torch.compile: the Triton launchers are operators (mammoth_fast::*) with fake
 implementations, so the triton backend compiles without graph breaks; opcheck
 for every op. Without CUDA the kernels run under the Triton interpreter on CPU
-tensors (the custom ops wrap the launchers, so this works there too)."""
+tensors, where the launchers are custom ops; with compiled kernels they are
+triton_ops, whose tracing is checked on fake CUDA tensors (last test)."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -128,16 +134,20 @@ def test_cuda_graph_replays_draw_fresh_slot_masks():
     assert all(not torch.equal(o, clean) for o in outs)
 
 
-def test_compiled_mil_model_without_graph_breaks():
+@pytest.mark.parametrize("keep_slots", [True, False], ids=["slots", "tokens"])
+def test_compiled_mil_model_with_mask_without_graph_breaks(keep_slots):
     torch.manual_seed(0)
-    moe_args = dict(num_experts=2, num_slots=3, num_heads=2, slot_dim=8, keep_slots=True, backend="triton")
+    moe_args = dict(num_experts=2, num_slots=3, num_heads=2, slot_dim=8, keep_slots=keep_slots, backend="triton")
     net = create_model("abmil.base_mammoth", 2, in_dim=16, embed_dim=16, attn_dim=8, moe_args=moe_args).to(DEVICE)
     net.eval()
     h = torch.randn(2, 7, 16, device=DEVICE)
+    m = torch.ones(2, 7, dtype=torch.bool, device=DEVICE)
+    m[0, 4:] = False
     torch._dynamo.reset()
-    explain = torch._dynamo.explain(lambda t: net(t)["logits"])(h)
+    explain = torch._dynamo.explain(lambda t, mask: net(t, mask=mask)["logits"])(h, m)
     assert explain.graph_break_count == 0, explain.break_reasons
     compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(h, mask=m)["logits"], net(h, mask=m)["logits"])
     torch.testing.assert_close(compiled(h)["logits"], net(h)["logits"])
 
 
@@ -178,3 +188,32 @@ def test_opcheck_every_op():
         torch.library.opcheck(_ops.OPS[name], args)  # schema, fake tensor, autograd registration, aot dispatch
         seen.add(name)
     assert seen == set(_ops.OPS)
+
+
+KERNELS = {"_query_fwd_kernel", "_query_norm_bwd_kernel", "_dispatch_partial_kernel", "_dispatch_merge_kernel",
+           "_dispatch_bwd_dq_kernel", "_dispatch_bwd_dk_kernel", "_experts_fwd_kernel", "_experts_bwd_kernel",
+           "_combine_fwd_kernel", "_combine_bwd_dq_kernel", "_combine_bwd_dkdy_kernel"}
+
+
+@pytest.mark.skipif(not hasattr(torch.library, "triton_op"), reason="torch.library.triton_op needs torch >= 2.6")
+def test_triton_ops_trace_into_kernel_launches():
+    """With compiled kernels (no interpreter) the launchers are triton_ops: the
+    graph AOTAutograd hands to Inductor launches every kernel itself, with no
+    opaque mammoth_fast op left, and each kernel writes only buffers its
+    launcher allocated (torch's TTIR analysis: no input is mutated, nothing must
+    be cloned). Traced on fake CUDA tensors, so it runs without a GPU
+    (tests/trace_triton_ops.py)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "trace_triton_ops.py")
+    run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout)
+    assert report["triton_op"]
+    assert report["opaque"] == []
+    assert set(report["kernels"]) == KERNELS
+    assert report["kernels"].count("_combine_fwd_kernel") == 2  # the layer's forward, then the chain's
+    assert all("empty" in made_by for _, _, made_by in report["written"]), report["written"]
+    assert len(report["written"]) == 39
+    # out (B, N, D); dK (H, P, dh); d(pre-norm rows) (B*N, C); dgamma (C,); the LoRA grads
+    assert report["shapes"][:4] == [[2, 40, 16], [2, 6, 4], [80, 8], [8]]
+    assert report["devices"] == ["cuda:0"]
