@@ -55,7 +55,7 @@ def _query_fwd_kernel(
         k_ok = (k0 + offs_k) < K
         x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(DOT_DTYPE)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & c_ok[None, :], other=0.0).to(DOT_DTYPE)
-        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC)  # out_dtype: fp64 needs it in triton 3.6
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
