@@ -266,7 +266,9 @@ class ExpertsFunction(torch.autograd.Function):
         y, inv_norm = _ops.experts_forward(z.to(acc_dtype(z.dtype)), shared_weight, shared_bias, expert_weights,
                                       expert_bias, expert_gamma)
         ctx.save_for_backward(z, shared_weight, shared_bias, expert_weights, expert_bias, expert_gamma, inv_norm)
-        return y.to(z.dtype)
+        # no no-op .to(): under torch.compile, torch 2.11 drops the gradient of a
+        # Function output that is a no-op .to() of a custom op's output (zeros in backward)
+        return y if y.dtype == z.dtype else y.to(z.dtype)
 
     @staticmethod
     @once_differentiable
