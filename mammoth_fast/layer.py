@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import reference, sdpa_backend
+from . import packing, reference, sdpa_backend
 from .reference import MammothParams
 
 logger = logging.getLogger("mammoth_fast")
@@ -365,68 +365,20 @@ class Mammoth(nn.Module):
         return out
 
     # ------------------------------------------------------ packed (varlen) bags
-    def _check_cu_seqlens(self, feats: Tensor, cu_seqlens: Tensor, max_seqlen: Optional[int],
-                          mask: Optional[Tensor]) -> int:
-        """Validates packed bags; returns the length to pad them to."""
-        if mask is not None:
-            raise ValueError("Mammoth: pass either mask (padded bags) or cu_seqlens (packed bags), not both")
-        if not isinstance(feats, Tensor) or feats.dim() != 2:
-            got = tuple(feats.shape) if isinstance(feats, Tensor) else type(feats).__name__
-            raise ValueError(f"Mammoth: with cu_seqlens, feats must be packed (total_N, input_dim), got {got}")
-        if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            got = cu_seqlens.dtype if isinstance(cu_seqlens, Tensor) else type(cu_seqlens).__name__
-            raise TypeError(f"Mammoth: cu_seqlens must be an int32 or int64 tensor, got {got}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(
-                f"Mammoth: cu_seqlens must be 1-D with B + 1 >= 2 offsets, got shape {tuple(cu_seqlens.shape)}"
-            )
-        if cu_seqlens.device != feats.device:
-            raise ValueError(f"Mammoth: cu_seqlens is on {cu_seqlens.device} but feats are on {feats.device}")
-        if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int)
-                                       or max_seqlen < 1):
-            raise ValueError(f"Mammoth: max_seqlen must be a positive int, got {max_seqlen!r}")
-        if torch.compiler.is_compiling():
-            # the checks below read the offsets on the host: skipped under torch.compile,
-            # which needs max_seqlen to trace the padded shape without a graph break
-            return max_seqlen if max_seqlen is not None else int(cu_seqlens.diff().max())
-        total = feats.shape[0]
-        first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
-        if first != 0:
-            raise ValueError(f"Mammoth: cu_seqlens must start at 0, got {first}")
-        if last != total:
-            raise ValueError(f"Mammoth: cu_seqlens must end at total_N = feats.shape[0] = {total}, got {last}")
-        lengths = cu_seqlens[1:].long() - cu_seqlens[:-1].long()
-        if bool((lengths <= 0).any()):
-            bags = (lengths <= 0).nonzero().flatten().tolist()
-            raise ValueError(
-                f"Mammoth: cu_seqlens must be strictly increasing; bag(s) {bags} are empty or negative "
-                f"(lengths {lengths.tolist()})"
-            )
-        longest = int(lengths.max())
-        if max_seqlen is not None and max_seqlen < longest:
-            raise ValueError(f"Mammoth: max_seqlen = {max_seqlen} but the longest bag has {longest} patches")
-        return longest if max_seqlen is None else max_seqlen
-
     def _forward_packed(self, feats: Tensor, cu_seqlens: Tensor, max_seqlen: Optional[int], return_weights: bool,
                         mask: Optional[Tensor]):
         """Packed bags through the padded path: scatter into (B, max_len, Din) with a
         mask, run, and gather the per-patch outputs back (O(B * max_len * Din) extra
-        memory for the padded copy; padding takes no part in the routing). Shapes
-        depend on the offsets only through max_len."""
-        max_len = self._check_cu_seqlens(feats, cu_seqlens, max_seqlen, mask)
-        b, total = cu_seqlens.numel() - 1, feats.shape[0]
-        starts = cu_seqlens.long()
-        rows = torch.arange(total, device=feats.device)
-        bag = torch.searchsorted(starts[1:], rows, right=True)  # (total_N,): the bag of each row
-        pos = rows - starts[bag]  # (total_N,): its place in the bag
-        padded = feats.new_zeros(b, max_len, feats.shape[-1]).index_put((bag, pos), feats)
-        pad_mask = torch.zeros(b, max_len, dtype=torch.bool, device=feats.device).index_put(
-            (bag, pos), torch.ones((), dtype=torch.bool, device=feats.device))
+        memory for the padded copy; padding takes no part in the routing)."""
+        if mask is not None:
+            raise ValueError("Mammoth: pass either mask (padded bags) or cu_seqlens (packed bags), not both")
+        layout = packing.packed_layout("Mammoth", feats, cu_seqlens, max_seqlen)
+        padded, pad_mask = packing.pad_packed(feats, layout)
         out = self.forward(padded, return_weights=return_weights, mask=pad_mask)
         weights = None
         if return_weights:
             out, weights = out
-            weights = weights[bag, pos]  # (total_N, E, H, S)
+            weights = packing.unpad(weights, layout)  # (total_N, E, H, S)
         if not self.keep_slots:
-            out = out[bag, pos]  # (total_N, D)
+            out = packing.unpad(out, layout)  # (total_N, D)
         return (out, weights) if return_weights else out

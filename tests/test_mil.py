@@ -208,3 +208,30 @@ def test_bad_input_raises():
         net(torch.randn(2, 5, IN_DIM), mask=torch.tensor([[True] * 5, [False] * 5]))
     with pytest.raises(ValueError, match="mask shape"):
         net(torch.randn(2, 5, IN_DIM), mask=torch.ones(2, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("variant", ["base", "eager-tokens", "triton"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_packed_bags_equal_one_bag_at_a_time(model, variant):
+    """Bags packed along the rows with cu_seqlens (lengths 9, 5, 1: very unequal,
+    one a single patch) give each bag's result alone; moe_weights come back packed."""
+    net = tiny_model(model, variant, seed=2).double().eval()
+    g = torch.Generator().manual_seed(3)
+    bags = [torch.randn(n, IN_DIM, generator=g, dtype=torch.float64) for n in (M, 5, 1)]
+    label = torch.tensor([2, 0, 1])
+    offsets = torch.tensor([0, M, M + 5, M + 6], dtype=torch.int32)
+    kw = dict(loss_fn=nn.CrossEntropyLoss(), return_moe_weights=True)
+    out = net(torch.cat(bags), cu_seqlens=offsets, label=label, **kw)
+    close = dict(rtol=1e-10, atol=1e-10)
+    losses = []
+    for b, bag in enumerate(bags):
+        alone = net(bag, label=label[b:b + 1], **kw)
+        losses.append(alone["loss"])
+        torch.testing.assert_close(out["logits"][b:b + 1], alone["logits"], **close)
+        if out["moe_weights"] is not None:
+            rows = slice(int(offsets[b]), int(offsets[b + 1]))
+            torch.testing.assert_close(out["moe_weights"][rows], alone["moe_weights"][0], **close)
+    torch.testing.assert_close(out["loss"], torch.stack(losses).mean(), **close)
+    assert (out["moe_weights"] is None) == (VARIANTS[variant] is None)
+    with pytest.raises(ValueError, match="either mask"):
+        net(torch.cat(bags), cu_seqlens=offsets, mask=torch.ones(M + 6, dtype=torch.bool))

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .. import packing
 from ..layer import Mammoth
 
 
@@ -52,10 +53,15 @@ class MILModel(nn.Module):
     """Base of the MIL models: ``patch_embed`` then the subclass's aggregator.
 
     forward(h, mask=None, label=None, loss_fn=None, return_attention=False,
-    return_moe_weights=False) -> dict:
+    return_moe_weights=False, cu_seqlens=None, max_seqlen=None) -> dict:
       h      (B, M, in_dim) or (M, in_dim) (B = 1)
       mask   (B, M) or (M,) bool, False for padded patches: they take no part
              anywhere, so bags of different sizes can share a batch
+      cu_seqlens  (B + 1,) int32/int64 offsets of B bags packed along the rows
+             of h (total_N, in_dim), as Mammoth takes them (``mammoth_fast.packing``);
+             the bags are padded to the longest (or to max_seqlen) with a mask
+             on entry, so 'attention' over patches is (B, max_len), zero on
+             padding, and 'moe_weights' comes back packed (total_N, E, H, S)
       label  (B,) class indices; with loss_fn (e.g. nn.CrossEntropyLoss()) adds 'loss'
     The dict holds 'logits' (B, num_classes); 'loss' and any named auxiliary
     loss when asked; 'attention' (over the aggregator's T tokens: patches, or
@@ -71,14 +77,24 @@ class MILModel(nn.Module):
 
     def forward(self, h: Tensor, mask: Optional[Tensor] = None, label: Optional[Tensor] = None,
                 loss_fn: Optional[Callable] = None, return_attention: bool = False,
-                return_moe_weights: bool = False) -> dict:
+                return_moe_weights: bool = False, cu_seqlens: Optional[Tensor] = None,
+                max_seqlen: Optional[int] = None) -> dict:
+        layout = None
+        if cu_seqlens is not None:
+            if mask is not None:
+                raise ValueError(f"{type(self).__name__}: pass either mask (padded bags) or cu_seqlens (packed bags)")
+            layout = packing.packed_layout(type(self).__name__, h, cu_seqlens, max_seqlen)
+            h, mask = packing.pad_packed(h, layout)
+        elif max_seqlen is not None:
+            raise ValueError(f"{type(self).__name__}: max_seqlen goes with cu_seqlens (packed bags)")
         h, mask = self._check_input(h, mask)
         x, mask, moe_weights = self.embed(h, mask, return_moe_weights)
         out = self.aggregate(x, mask, label, return_attention)
         if label is not None and loss_fn is not None:
             out.update(self.losses(out, label, loss_fn))
         if return_moe_weights:
-            out["moe_weights"] = moe_weights
+            out["moe_weights"] = moe_weights if layout is None or moe_weights is None else \
+                packing.unpad(moe_weights, layout)
         return out
 
     def embed(self, h: Tensor, mask: Optional[Tensor],
