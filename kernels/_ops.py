@@ -31,10 +31,27 @@ from ._slot_dropout import seed_tensor
 NS = "mammoth_fast"
 
 
-def _op(name: str):
-    """Registers a launcher as the operator ``mammoth_fast::<name>``."""
-    register = torch.library.triton_op if TRITON_OP else torch.library.custom_op
-    return register(f"{NS}::{name}", mutates_args=())
+def _op(name: str, *kernels):
+    """Registers a launcher as the operator ``mammoth_fast::<name>``; ``kernels``
+    are the @triton.jit kernels it launches.
+
+    A triton_op's kernels key torch.compile's AOTAutograd cache (their sources,
+    called jit functions included): torch finds them by scanning the op's source
+    for literal ``wrap_triton(kernel)`` calls, which misses launches through
+    ``_launch.traceable`` in the launcher modules, so they are declared here.
+    Without them an edited or upgraded kernel could reuse a stale compiled graph.
+    """
+    qualname = f"{NS}::{name}"
+
+    def register(fn):
+        if not TRITON_OP:
+            return torch.library.custom_op(qualname, mutates_args=())(fn)
+        op = torch.library.triton_op(qualname, mutates_args=())(fn)
+        declared = getattr(torch._library.triton, "triton_ops_to_kernels", None)  # torch's op -> kernels table
+        if isinstance(declared, dict):
+            declared[qualname] = list(kernels)
+        return op
+    return register
 
 
 def _empty(like: Tensor, dtype=None) -> Tensor:
@@ -55,7 +72,7 @@ def drop_args(drop, like: Tensor):
 
 
 # ------------------------------------------------------------------- query
-@_op("query_fwd")
+@_op("query_fwd", _q._query_fwd_kernel)
 def query_fwd(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: Optional[Tensor],
               use_layernorm: bool, store_y: bool) -> List[Tensor]:
     m, c = x.shape[0], weight.shape[0]
@@ -79,7 +96,7 @@ def query_forward(x, weight, bias, gamma, beta, use_layernorm, store_y=False):
     return q, (mean if use_layernorm else None), rstd, (y if store_y else None)
 
 
-@_op("query_norm_bwd")
+@_op("query_norm_bwd", _q._query_norm_bwd_kernel)
 def query_norm_bwd(dq: Tensor, y: Tensor, mean: Optional[Tensor], rstd: Tensor, gamma: Tensor, use_layernorm: bool,
                    need_dy: bool, need_dgamma: bool) -> List[Tensor]:
     dy, dgamma = _q.query_norm_backward(dq, y, mean, rstd, gamma, use_layernorm, need_dy, need_dgamma)
@@ -97,7 +114,7 @@ def query_norm_backward(dq, y, mean, rstd, gamma, use_layernorm, need_dy, need_d
 
 
 # ---------------------------------------------------------------- dispatch
-@_op("dispatch_fwd")
+@_op("dispatch_fwd", _d._dispatch_partial_kernel, _d._dispatch_merge_kernel)
 def dispatch_fwd(q: Tensor, k: Tensor, mask: Optional[Tensor], seed: Optional[Tensor],
                  p_drop: float) -> List[Tensor]:
     z, lse = _d.dispatch_forward(q, k, mask, make_drop(seed, p_drop))
@@ -117,7 +134,7 @@ def dispatch_forward(q, k, mask, drop=None):
     return z, lse
 
 
-@_op("dispatch_bwd")
+@_op("dispatch_bwd", _d._dispatch_bwd_dq_kernel, _d._dispatch_bwd_dk_kernel)
 def dispatch_bwd(dz: Tensor, q: Tensor, k: Tensor, z: Tensor, lse: Tensor, mask: Optional[Tensor],
                  seed: Optional[Tensor], p_drop: float, need_dq: bool, need_dk: bool) -> List[Tensor]:
     dq, dk = _d.dispatch_backward(dz, q, k, z, lse, mask, make_drop(seed, p_drop), need_dq, need_dk)
@@ -135,7 +152,7 @@ def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq, need_dk):
 
 
 # ----------------------------------------------------------------- experts
-@_op("experts_fwd")
+@_op("experts_fwd", _e._experts_fwd_kernel)
 def experts_fwd(z: Tensor, shared_weight: Tensor, shared_bias: Tensor, expert_weights: Tensor, expert_bias: Tensor,
                 expert_gamma: Tensor) -> List[Tensor]:
     y, inv_norm = _e.experts_forward(z, shared_weight, shared_bias, expert_weights, expert_bias, expert_gamma)
@@ -153,7 +170,7 @@ def experts_forward(z, shared_weight, shared_bias, expert_weights, expert_bias, 
     return y, inv_norm
 
 
-@_op("experts_bwd")
+@_op("experts_bwd", _e._experts_bwd_kernel)
 def experts_bwd(dy: Tensor, z: Tensor, shared_weight: Tensor, shared_bias: Tensor, expert_weights: Tensor,
                 expert_bias: Tensor, expert_gamma: Tensor, inv_norm: Tensor, need_param_grads: bool,
                 need_dz: bool) -> List[Tensor]:
@@ -178,7 +195,7 @@ def experts_backward(dy, z, shared_weight, shared_bias, expert_weights, expert_b
 
 
 # ----------------------------------------------------------------- combine
-@_op("combine_fwd")
+@_op("combine_fwd", _c._combine_fwd_kernel)
 def combine_fwd(q: Tensor, k: Tensor, y: Tensor, mask: Optional[Tensor], out_dtype: torch.dtype,
                 seed: Optional[Tensor], p_drop: float) -> List[Tensor]:
     out, lse = _c.combine_forward(q, k, y, mask, out_dtype, make_drop(seed, p_drop))
@@ -196,7 +213,7 @@ def combine_forward(q, k, y, mask, out_dtype, drop=None):
     return out, lse
 
 
-@_op("combine_bwd")
+@_op("combine_bwd", _c._combine_bwd_dq_kernel, _c._combine_bwd_dkdy_kernel)
 def combine_bwd(dout: Tensor, q: Tensor, k: Tensor, y: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
                 seed: Optional[Tensor], p_drop: float, need_dq: bool, need_dk: bool,
                 need_dy: bool) -> List[Tensor]:

@@ -338,8 +338,9 @@ class Mammoth(nn.Module):
         The output is (B, E*S, dim) with keep_slots, else packed (total_N, dim).
         Excludes ``mask``. The bags run padded to the longest (see :meth:`_forward_packed`).
         max_seqlen: with cu_seqlens, the longest bag's length (or any bound above
-        it: the bags are padded to it), as flash-attention takes it; saves a host
-        sync, and lets torch.compile trace packed bags without a graph break.
+        it: the bags are padded to it), as flash-attention takes it: torch.compile
+        then traces packed bags without a graph break (eager still checks the
+        offsets on the host).
         return_weights: also return the dispatch weights, (B, N, E, H, S); packed
         (total_N, E, H, S) with cu_seqlens.
         """

@@ -97,18 +97,18 @@ def test_cu_seqlens_excludes_mask_and_batched_feats():
             layer.cuda()(x.cuda(), cu_seqlens=offsets)
 
 
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "triton"])
 def test_max_seqlen_pads_to_the_bound_with_the_same_result(backend):
-    layer = make_layer("small", seed=6, keep_slots=False, backend=backend)
+    layer = make_layer("small", seed=6, keep_slots=False, backend=backend).to(DEVICE)
     lengths = [3, 8, 1]
-    x = torch.randn(sum(lengths), layer.input_dim, dtype=torch.float64)
-    offsets = cu(lengths, device="cpu")
+    x = torch.randn(sum(lengths), layer.input_dim, dtype=torch.float64, device=DEVICE)
+    offsets = cu(lengths)
     with torch.no_grad():
-        want = layer(x, cu_seqlens=offsets)
+        want, want_w = layer(x, cu_seqlens=offsets, return_weights=True)
         for bound in (8, 13):  # the longest bag, and a looser bound (more padding)
             got, w = layer(x, cu_seqlens=offsets, max_seqlen=bound, return_weights=True)
             assert rel_err(got, want) <= TOL
-            assert w.shape == (sum(lengths), layer.num_experts, layer.num_heads, layer.num_slots)
+            assert rel_err(w, want_w) <= TOL
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -16,6 +16,7 @@ import torch
 import triton
 from torch._functorch.aot_autograd import aot_function
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from torch._library.triton import get_triton_kernels_for_op
 from torch._subclasses.fake_tensor import FakeTensorMode
 from triton.backends.compiler import GPUTarget
 
@@ -104,6 +105,9 @@ def main() -> None:
         outs = traced(x, *tensors)
         report = dict(triton_op=_launch.TRITON_OP, shapes=[list(t.shape) for t in outs],
                       devices=sorted({str(t.device) for t in outs}))
+    # the kernels torch knows each op to launch: they key torch.compile's AOTAutograd cache
+    report["declared"] = {name: sorted(k.fn.__name__ for k in get_triton_kernels_for_op(f"{_ops.NS}::{name}"))
+                          for name in _ops.OPS}
     report.update(describe(graphs[0]))
     json.dump(report, sys.stdout)
 
