@@ -49,6 +49,14 @@ def check_device(*tensors: torch.Tensor) -> None:
         raise RuntimeError(f"mammoth_fast: the triton backend supports CUDA tensors, got one on {t.device}")
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``, for sizing the split-n grids; 4
+    under the interpreter (a few chunks, so that the merges are exercised)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
 def block(size: int, minimum: int = MIN_DOT, maximum: int | None = None) -> int:
     """The power-of-two block covering ``size`` (masked beyond it), within bounds."""
     b = max(minimum, triton.next_power_of_2(size))

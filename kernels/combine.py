@@ -28,10 +28,9 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision, traceable
+from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision, sm_count, traceable
 from ._slot_dropout import kernel_p_drop, load_seed, seed_tensor, slot_keep_np, slot_keep_pn
 from ._tiles import load_tile
-from .dispatch import _sm_count
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -309,7 +308,7 @@ def combine_backward(dout, q, k, y, out, lse, mask, drop, need_dq: bool, need_dk
             NEED_DQ=need_dq, DH=dh, DO=do, **consts, **meta,
         )
     if need_dk or need_dy:
-        meta = combine_dkdy_meta(n, p, dh, do, bsz * h, q.dtype, _sm_count(q.device))
+        meta = combine_dkdy_meta(n, p, dh, do, bsz * h, q.dtype, sm_count(q.device))
         n_splits = meta.pop("n_splits")
         n_per_split = meta.pop("n_per_split")
         dk_part = torch.empty(bsz, h, n_splits, p, dh, **acc) if need_dk else delta

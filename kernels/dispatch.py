@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision, traceable
+from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision, sm_count, traceable
 from ._slot_dropout import kernel_p_drop, load_seed, seed_tensor, slot_keep_np, slot_keep_pn
 from ._tiles import load_tile
 
@@ -264,12 +264,6 @@ def dispatch_dq_meta(n: int, p: int, dh: int, dtype: torch.dtype) -> dict:
                 num_warps=4 if dtype.itemsize <= 2 else 8, num_stages=2)
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: keep a few chunks so the merge is exercised
-
-
 def _common_args(q: torch.Tensor, mask, drop):
     """Kernel arguments shared by all dispatch kernels: the mask (or a dummy
     pointer), the slot-dropout (seed, p) and the dtype constexprs."""
@@ -289,7 +283,7 @@ def dispatch_forward(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None
     bsz, n, c = q.shape
     h, p, dh = k.shape
     assert c == h * dh and q.stride(2) == 1 and k.is_contiguous()
-    meta = dispatch_meta(n, p, dh, bsz * h, q.dtype, _sm_count(q.device))
+    meta = dispatch_meta(n, p, dh, bsz * h, q.dtype, sm_count(q.device))
     n_splits = meta.pop("n_splits")
     n_per_split = meta.pop("n_per_split")
     mask_arg, seed, p_drop, consts = _common_args(q, mask, drop)
@@ -333,7 +327,7 @@ def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq: bool, need_dk: bool
             DH=dh, **consts, **meta,
         )
     if need_dk:
-        meta = dispatch_dk_meta(n, p, dh, bsz * h, q.dtype, _sm_count(q.device))
+        meta = dispatch_dk_meta(n, p, dh, bsz * h, q.dtype, sm_count(q.device))
         n_splits = meta.pop("n_splits")
         n_per_split = meta.pop("n_per_split")
         dk_part = torch.empty(bsz, h, n_splits, p, dh, device=q.device, dtype=z.dtype)

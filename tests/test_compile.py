@@ -229,3 +229,13 @@ def test_triton_ops_trace_into_kernel_launches():
     declared = [k for kernels in report["declared"].values() for k in kernels]
     assert sorted(declared) == sorted(set(report["kernels"]))
     assert report["declared"]["dispatch_bwd"] == ["_dispatch_bwd_dk_kernel", "_dispatch_bwd_dq_kernel"]
+
+
+@pytest.mark.parametrize("module", ["query", "dispatch", "experts", "combine", "_ops", "_slot_dropout"])
+def test_each_kernel_module_imports_first(module):
+    """The ops (kernels/_ops.py) name each launcher's kernels at import, and the
+    kernel modules import the ops at their end: whichever is imported first, no
+    module is read half-initialized."""
+    code = f"import mammoth_fast.kernels.{module}, mammoth_fast.kernels._ops as ops; assert len(ops.OPS) == 8"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
