@@ -18,6 +18,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import packing, reference, sdpa_backend
+from .host_reads import host_reads_allowed
 from .reference import MammothParams
 
 logger = logging.getLogger("mammoth_fast")
@@ -303,8 +304,7 @@ class Mammoth(nn.Module):
             if mask.device != feats.device:
                 raise ValueError(f"Mammoth: mask is on {mask.device} but feats are on {feats.device}")
             empty = ~mask.any(dim=1)
-            # a data-dependent check: skipped under torch.compile (it would break the graph)
-            if not torch.compiler.is_compiling() and bool(empty.any()):
+            if host_reads_allowed(empty) and bool(empty.any()):
                 bags = empty.nonzero().flatten().tolist()
                 raise ValueError(f"Mammoth: bag(s) {bags} have no unmasked patch (empty bag)")
         return feats, mask

@@ -7,7 +7,8 @@ layer and the MIL models run, and back.
 its place in the bag; ``pad_packed`` scatters rows into the padded batch and
 ``unpad`` gathers per-row results back. With ``max_seqlen`` given, the padded
 shape needs no host read of the offsets, so torch.compile traces it without a
-graph break; the checks that read the offsets are then skipped under compile.
+graph break; the checks that read the offsets are skipped where host reads are
+not possible (``host_reads``: under compile, during CUDA-graph capture).
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from .host_reads import host_reads_allowed
 
 
 class PackedLayout(NamedTuple):
@@ -66,11 +69,11 @@ def packed_layout(who: str, feats: Tensor, cu_seqlens: Tensor, max_seqlen: Optio
         raise ValueError(f"{who}: cu_seqlens is on {cu_seqlens.device} but the features are on {feats.device}")
     _check_max_seqlen(who, max_seqlen)
     total = feats.shape[0]
-    if torch.compiler.is_compiling():  # no host reads: the padded length must come from max_seqlen
-        max_len = max_seqlen if max_seqlen is not None else int(cu_seqlens.diff().max())
-    else:
+    if host_reads_allowed(cu_seqlens):
         longest = _check_offsets(who, cu_seqlens, total, max_seqlen)
         max_len = longest if max_seqlen is None else max_seqlen
+    else:  # no checks: the padded length must come from max_seqlen
+        max_len = max_seqlen if max_seqlen is not None else int(cu_seqlens.diff().max())
     starts = cu_seqlens.long()
     rows = torch.arange(total, device=feats.device)
     bag = torch.searchsorted(starts[1:], rows, right=True)

@@ -121,22 +121,25 @@ def test_cuda_graph_replays_draw_fresh_slot_masks():
     layer = make_layer("small", seed=3, keep_slots=False, backend="triton", slot_dropout=0.3,
                        dropout=0.0).to("cuda", torch.float32).train()
     x = torch.randn(2, 50, layer.input_dim, device="cuda")
+    m = torch.ones(2, 50, dtype=torch.bool, device="cuda")
+    m[1, 30:] = False  # the empty-bag check on the mask reads no value during capture
     with torch.no_grad():
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # compile the kernels before capture
-                layer(x)
+                layer(x, mask=m)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = layer(x)
+            out = layer(x, mask=m)
         outs = []
         for _ in range(3):
             graph.replay()
             outs.append(out.clone())
         layer.eval()
-        clean = layer(x)
+        clean = layer(x, mask=m)
+    assert all((o[1, 30:] == 0).all() for o in outs)  # padding: zero output
     assert all(torch.isfinite(o).all() for o in outs)
     assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
     assert all(not torch.equal(o, clean) for o in outs)

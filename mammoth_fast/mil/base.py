@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import packing
+from ..host_reads import host_reads_allowed
 from ..layer import Mammoth
 
 
@@ -139,7 +140,6 @@ class MILModel(nn.Module):
             mask = mask.unsqueeze(0)
         if mask.shape != h.shape[:2]:
             raise ValueError(f"{name}: mask shape {tuple(mask.shape)} does not match h's (B, M) = {tuple(h.shape[:2])}")
-        # a data-dependent check: skipped under torch.compile (it would break the graph)
-        if not torch.compiler.is_compiling() and not bool(mask.any(dim=1).all()):
+        if host_reads_allowed(mask) and not bool(mask.any(dim=1).all()):
             raise ValueError(f"{name}: a bag has no unmasked patch")
         return h, mask
