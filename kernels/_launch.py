@@ -1,4 +1,5 @@
-"""Launch helpers shared by the kernels: device checks, dot precision, block sizes.
+"""Launch helpers shared by the kernels: device checks, dot precision, block sizes,
+the SM count for split grids, and how launches are registered for torch.compile.
 
 Every launcher picks its block sizes with a ``*_meta`` function of this
 package; ``mammoth_fast.compile_check`` compiles the kernels for sm_90a with
