@@ -197,15 +197,17 @@ def query_norm_backward(dq: torch.Tensor, y: torch.Tensor, mean: torch.Tensor | 
 
 
 class QueryFunction(torch.autograd.Function):
-    """q = norm(x @ W^T + b) (M, C) in x's dtype. Saves x, W, gamma and, for
-    the backward, y (M, C), mean and rstd (M,): O(M * C) beyond the inputs.
+    """q = norm(x @ W^T + b) (M, C) in x's dtype. Saves x (only if W needs a
+    gradient), W, gamma and, for the backward, y (M, C), mean and rstd (M,):
+    O(M * C) beyond the inputs.
     beta is a buffer: it gets no gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, gamma, beta, use_layernorm: bool):
         q, mean, rstd, y = _ops.query_forward(x, weight, bias, gamma, beta, use_layernorm,
                                               store_y=any(ctx.needs_input_grad[:4]))
-        ctx.save_for_backward(x, weight, gamma, y, mean, rstd)
+        # x (M, Din), under autocast a half copy of the features, is kept only for dWq
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, gamma, y, mean, rstd)
         ctx.use_layernorm = use_layernorm
         ctx.bias_dtype = bias.dtype
         return q

@@ -185,6 +185,27 @@ def test_no_grad_needed_saves_no_y(monkeypatch):
     assert y_outs == [None]  # q alone, no pre-norm y
 
 
+@pytest.mark.parametrize("requires_grad", [(False, False, True, True), (False, True, True, True)],
+                         ids=["wq_frozen", "wq_trained"])
+def test_x_is_saved_only_for_dwq(requires_grad):
+    """x (M, Din) is the largest tensor of the stage (a half copy under autocast):
+    the Function keeps it only when Wq needs a gradient."""
+    layer = make_layer("small", seed=40)
+    m, din, c = 37, SIZES["small"]["input_dim"], SIZES["small"]["slot_dim"]
+    leaves = query_leaves(layer, random_x(m, din, seed=41), requires_grad=requires_grad)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        q = run_query(layer, leaves)
+    assert ((m, din) in saved) == requires_grad[1]
+    q.backward(random_dq(m, c, seed=41).to(DEVICE, torch.float32))
+    assert all((leaf.grad is not None) == rg for leaf, rg in zip(leaves, requires_grad))
+
+
 # ------------------------------------------------------------------ RMS clamp
 def test_rms_clamped_rows():
     # rows with y == 0 exactly, and with 0 < ||y|| < 1e-8: F.normalize's clamp
