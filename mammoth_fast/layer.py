@@ -344,10 +344,9 @@ class Mammoth(nn.Module):
         return_weights: also return the dispatch weights, (B, N, E, H, S); packed
         (total_N, E, H, S) with cu_seqlens.
         """
-        if cu_seqlens is not None:
-            return self._forward_packed(feats, cu_seqlens, max_seqlen, return_weights, mask)
-        if max_seqlen is not None:
-            raise ValueError("Mammoth: max_seqlen goes with cu_seqlens (packed bags)")
+        layout = packing.packed_layout("Mammoth", feats, mask, cu_seqlens, max_seqlen)
+        if layout is not None:
+            return self._forward_packed(feats, layout, return_weights)
         feats, mask = self._check_input(feats, mask)
         backend = self.resolve_backend(feats)
         if backend == "triton":
@@ -366,14 +365,10 @@ class Mammoth(nn.Module):
         return out
 
     # ------------------------------------------------------ packed (varlen) bags
-    def _forward_packed(self, feats: Tensor, cu_seqlens: Tensor, max_seqlen: Optional[int], return_weights: bool,
-                        mask: Optional[Tensor]):
+    def _forward_packed(self, feats: Tensor, layout: packing.PackedLayout, return_weights: bool):
         """Packed bags through the padded path: scatter into (B, max_len, Din) with a
         mask, run, and gather the per-patch outputs back (O(B * max_len * Din) extra
         memory for the padded copy; padding takes no part in the routing)."""
-        if mask is not None:
-            raise ValueError("Mammoth: pass either mask (padded bags) or cu_seqlens (packed bags), not both")
-        layout = packing.packed_layout("Mammoth", feats, cu_seqlens, max_seqlen)
         padded, pad_mask = packing.pad_packed(feats, layout)
         out = self.forward(padded, return_weights=return_weights, mask=pad_mask)
         weights = None

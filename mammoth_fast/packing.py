@@ -54,9 +54,18 @@ def _check_offsets(who: str, cu_seqlens: Tensor, total: int, max_seqlen: Optiona
     return longest
 
 
-def packed_layout(who: str, feats: Tensor, cu_seqlens: Tensor, max_seqlen: Optional[int] = None) -> PackedLayout:
-    """Validates packed ``feats`` (total_N, ...) with ``cu_seqlens`` (B + 1,) int32/int64
-    on feats' device; ``who`` names the caller in the errors."""
+def packed_layout(who: str, feats: Tensor, mask: Optional[Tensor], cu_seqlens: Optional[Tensor],
+                  max_seqlen: Optional[int]) -> Optional[PackedLayout]:
+    """The layout of packed ``feats`` (total_N, ...) given ``cu_seqlens`` (B + 1,)
+    int32/int64 on feats' device, validated; None for padded input (no
+    cu_seqlens). ``mask`` belongs to padded input only, ``max_seqlen`` to packed
+    input only; ``who`` names the caller in the errors."""
+    if cu_seqlens is None:
+        if max_seqlen is not None:
+            raise ValueError(f"{who}: max_seqlen goes with cu_seqlens (packed bags)")
+        return None
+    if mask is not None:
+        raise ValueError(f"{who}: pass either mask (padded bags) or cu_seqlens (packed bags), not both")
     if not isinstance(feats, Tensor) or feats.dim() != 2:
         got = tuple(feats.shape) if isinstance(feats, Tensor) else type(feats).__name__
         raise ValueError(f"{who}: with cu_seqlens, the features must be packed (total_N, dim), got {got}")

@@ -80,14 +80,9 @@ class MILModel(nn.Module):
                 loss_fn: Optional[Callable] = None, return_attention: bool = False,
                 return_moe_weights: bool = False, cu_seqlens: Optional[Tensor] = None,
                 max_seqlen: Optional[int] = None) -> dict:
-        layout = None
-        if cu_seqlens is not None:
-            if mask is not None:
-                raise ValueError(f"{type(self).__name__}: pass either mask (padded bags) or cu_seqlens (packed bags)")
-            layout = packing.packed_layout(type(self).__name__, h, cu_seqlens, max_seqlen)
+        layout = packing.packed_layout(type(self).__name__, h, mask, cu_seqlens, max_seqlen)
+        if layout is not None:
             h, mask = packing.pad_packed(h, layout)
-        elif max_seqlen is not None:
-            raise ValueError(f"{type(self).__name__}: max_seqlen goes with cu_seqlens (packed bags)")
         h, mask = self._check_input(h, mask)
         x, mask, moe_weights = self.embed(h, mask, return_moe_weights)
         out = self.aggregate(x, mask, label, return_attention)
