@@ -1,6 +1,6 @@
 """Time Mammoth's implementations against the nn.Linear it replaces.
 
-    python -m benchmarks.run [--n N ...] [--dtype fp32 bf16] [--keep-slots both|true|false]
+    python -m benchmarks.run [--n N ...] [--bags B ...] [--dtype fp32 bf16] [--keep-slots both|true|false]
                              [--impl NAME ...] [--repeats R] [--quick] [--out-dir DIR]
 
 For each dtype, keep_slots and bag size N, every implementation (one entry of
@@ -11,9 +11,11 @@ gradient, as in MIL training, the parameters do), and the peak extra memory of
 each, all with the ratio to nn.Linear(1024, 512) at the same dtype and N.
 
 Sizes: the recommended layer, Din 1024, D 512, C 256, H 16, E 30, S 10, auto
-rank 17, one bag (B = 1).
+rank 17, on B bags of N patches each (``--bags``, default one bag); nn.Linear
+maps all B * N patches.
 
-- Timing: on a GPU, ``triton.testing.do_bench`` (CUDA events, median); on CPU,
+- Timing: on a GPU, ``triton.testing.do_bench`` (CUDA events, median of the
+  runs that fill ``--rep-ms``, 100 ms by default); on CPU,
   the median of runs timed with time.perf_counter after two warm-up runs: at
   least ``--repeats`` (5) and, for cheap calls, as many as fill
   ``--min-time-s`` (1 s, at most 100 runs); a series of slow calls stops
@@ -37,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import datetime
 import gc
 import io
@@ -75,6 +76,7 @@ class Ctx:
     device: torch.device
     dtype: torch.dtype  # compute dtype: fp32, or bf16 under autocast (parameters stay fp32)
     keep_slots: bool
+    bags: int = 1  # B, bags of N patches in one call
     quick: bool = False
     explicit: bool = False  # the implementation was named with --impl
 
@@ -308,7 +310,7 @@ def peak_extra_bytes(fn: Callable[[], object], reset: Callable[[], None], device
 
 def time_ms(fn: Callable[[], object], reset: Callable[[], None], device: torch.device, repeats: int,
             budget_s: float, params: Sequence[torch.Tensor], min_total_s: float = 1.0,
-            max_runs: int = 100) -> tuple:
+            max_runs: int = 100, rep_ms: float = 100.0) -> tuple:
     """(median ms, runs). The caller has run ``fn`` once already (warm-up). On
     CPU: at least ``repeats`` runs and, for cheap calls, as many more as fill
     ``min_total_s`` (at most ``max_runs``); a series of slow calls stops after
@@ -317,7 +319,8 @@ def time_ms(fn: Callable[[], object], reset: Callable[[], None], device: torch.d
         import triton.testing
 
         reset()
-        ms = triton.testing.do_bench(fn, grad_to_none=list(params) or None, return_mode="median")
+        ms = triton.testing.do_bench(fn, warmup=max(1, int(rep_ms // 4)), rep=int(rep_ms),
+                                     grad_to_none=list(params) or None, return_mode="median")
         return float(ms), None
     reset()
     fn()  # a second warm-up run: the first runs of a process are slower (allocator, thread pool)
@@ -337,10 +340,10 @@ def time_ms(fn: Callable[[], object], reset: Callable[[], None], device: torch.d
 
 
 def measure(model: nn.Module, ctx: Ctx, n: int, args) -> dict:
-    """Forward and forward+backward time and peak extra memory of ``model`` on one bag of n patches."""
+    """Forward and forward+backward time and peak extra memory of ``model`` on ctx.bags bags of n patches."""
     device = ctx.device
     torch.manual_seed(0)
-    x = torch.randn(1, n, SIZES["input_dim"], device=device, dtype=ctx.dtype)  # requires_grad=False
+    x = torch.randn(ctx.bags, n, SIZES["input_dim"], device=device, dtype=ctx.dtype)  # requires_grad=False
     params = [p for p in model.parameters() if p.requires_grad]
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if ctx.dtype == torch.bfloat16
                 else contextlib.nullcontext())
@@ -381,12 +384,12 @@ def measure(model: nn.Module, ctx: Ctx, n: int, args) -> dict:
     with OtherLoad() as load:  # after the warm-up: torch.compile's worker processes would count
         model.eval()
         row["fwd_ms"], row["fwd_runs"] = time_ms(fwd, reset, device, args.repeats, args.budget_s, params,
-                                                 args.min_time_s)
+                                                 args.min_time_s, rep_ms=args.rep_ms)
         row["fwd_ms_min_max"] = getattr(time_ms, "last", None) if device.type != "cuda" else None
         row["fwd_peak_mib"] = peak_extra_bytes(fwd, reset, device) / MIB
         model.train()
         row["fwdbwd_ms"], row["fwdbwd_runs"] = time_ms(train, reset, device, args.repeats, args.budget_s,
-                                                       params, args.min_time_s)
+                                                       params, args.min_time_s, rep_ms=args.rep_ms)
         row["fwdbwd_ms_min_max"] = getattr(time_ms, "last", None) if device.type != "cuda" else None
         row["fwdbwd_peak_mib"] = peak_extra_bytes(train, reset, device) / MIB
     row["other_load_cores"] = load.cores
@@ -403,15 +406,15 @@ def predicted_skip(impl: Impl, ctx: Ctx, n: int, done: List[dict], args) -> Opti
     holds N x H x P tensors, estimated at 12 of them in fp32), exceeds the budget."""
     if args.no_skip:
         return None
-    prev = [r for r in done if r["status"] == "ok" and r["n"] < n]
+    prev = [r for r in done if r["status"] == "ok" and r["n"] * r["bags"] < n * ctx.bags]
     est_mem = est_time = None
     if prev:
-        last = max(prev, key=lambda r: r["n"])
-        scale = n / last["n"]
+        last = max(prev, key=lambda r: r["n"] * r["bags"])
+        scale = n * ctx.bags / (last["n"] * last["bags"])
         est_mem = max(last["fwd_peak_mib"], last["fwdbwd_peak_mib"]) * MIB * scale
         est_time = last["fwdbwd_ms"] / 1e3 * scale
     elif impl.materializes:
-        est_mem = 12 * n * SIZES["num_heads"] * SIZES["num_experts"] * SIZES["num_slots"] * 4
+        est_mem = 12 * ctx.bags * n * SIZES["num_heads"] * SIZES["num_experts"] * SIZES["num_slots"] * 4
     if ctx.device.type == "cuda":  # what the caching allocator could still hand out
         total = torch.cuda.get_device_properties(ctx.device).total_memory
         budget = 0.9 * (total - torch.cuda.memory_allocated(ctx.device))
@@ -419,73 +422,94 @@ def predicted_skip(impl: Impl, ctx: Ctx, n: int, done: List[dict], args) -> Opti
         avail = _mem_available()
         budget = 0.5 * avail if avail else math.inf
     if est_mem is not None and est_mem > budget:
-        return f"skipped at N={n:,}: estimated peak {est_mem / 2**30:.1f} GiB > budget {budget / 2**30:.1f} GiB"
+        return f"skipped at {_size(n, ctx.bags)}: estimated peak {est_mem / 2**30:.1f} GiB > budget {budget / 2**30:.1f} GiB"
     if est_time is not None and est_time > args.max_call_s:
-        return (f"skipped at N={n:,}: estimated {est_time:.0f} s per forward+backward > --max-call-s "
+        return (f"skipped at {_size(n, ctx.bags)}: estimated {est_time:.0f} s per forward+backward > --max-call-s "
                 f"{args.max_call_s:g}")
     return None
 
 
 # ---------------------------------------------------------------- the sweep
+def _size(n: int, bags: int) -> str:
+    return f"N={n:,}" if bags == 1 else f"B={bags}, N={n:,}"
+
+
+def out_of_time(args) -> bool:
+    """Whether ``args.deadline`` (a time.monotonic() value, or None) has passed."""
+    return args.deadline is not None and time.monotonic() > args.deadline
+
+
 def run_sweep(args, device: torch.device) -> List[dict]:
     rows: List[dict] = []
+    grid = [(b, n) for b in args.bags for n in args.n]
     for dname in args.dtype:
         dtype = DTYPES[dname]
-        linear_rows: Dict[int, dict] = {}
+        linear_rows: Dict[tuple, dict] = {}
         for keep_slots in args.keep_slots:
             for name in args.impl:
                 impl = IMPLS[name]
-                ctx = Ctx(device, dtype, keep_slots, quick=args.quick, explicit=name in args.explicit_impl)
                 base = dict(impl=name, dtype=dname, keep_slots=keep_slots)
                 if name == "linear" and linear_rows:  # independent of keep_slots: measured once per dtype
-                    rows.extend({**linear_rows[n], **base} for n in args.n)
+                    rows.extend({**linear_rows[bn], **base} for bn in grid)
                     continue
-                try:
-                    model = impl.factory(ctx)
-                except Skip as exc:
-                    rows.extend(dict(base, n=n, status="skipped", note=str(exc)) for n in args.n)
-                    _log(f"{dname} keep_slots={keep_slots} {name}: {exc}")
-                    continue
-                done: List[dict] = []
-                failed = None
-                for n in args.n:
-                    row = dict(base, n=n)
-                    reason = failed or predicted_skip(impl, ctx, n, done, args)
-                    if reason:
-                        row.update(status="skipped", note=reason)
-                    else:
-                        _log(f"{dname} keep_slots={keep_slots} {name} N={n:,} ...")
-                        try:
-                            row.update(status="ok", **measure(model, ctx, n, args))
-                            for attempt in range(args.retries if device.type == "cpu" else 0):
-                                if (row["other_load_cores"] or 0.0) <= NOISY_CORES:
-                                    break
-                                _log(f"  other processes kept {row['other_load_cores']:.2f} cores busy: "
-                                     f"waiting for a quiet machine, then measuring again")
-                                wait_for_quiet()
-                                again = measure(model, ctx, n, args)
-                                again["remeasured"] = attempt + 1
-                                if again["other_load_cores"] < row["other_load_cores"]:
-                                    row.update(again)
-                        except Exception as exc:  # noqa: BLE001 -- recorded in the row, and the sweep goes on
-                            msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-                            oom = isinstance(exc, torch.OutOfMemoryError) if hasattr(torch, "OutOfMemoryError") else False
-                            if name == "compile" and not done:
-                                failed = f"torch.compile failed: {msg[:300]}"
-                                row.update(status="skipped", note=failed)
-                            else:
-                                row.update(status="error", note=("out of memory: " if oom else "") + msg[:300])
-                            if device.type == "cuda":
-                                torch.cuda.empty_cache()
-                    done.append(row)
-                    rows.append(row)
-                    if name == "linear":
-                        linear_rows[n] = {k: v for k, v in row.items() if k not in base}
-                del model
-                gc.collect()
+                for bags in args.bags:
+                    ctx = Ctx(device, dtype, keep_slots, bags=bags, quick=args.quick,
+                              explicit=name in args.explicit_impl)
+                    rows.extend(_sweep_impl(impl, ctx, base, args, device, linear_rows))
+    add_ratios(rows)
+    return rows
+
+
+def _sweep_impl(impl: Impl, ctx: Ctx, base: dict, args, device: torch.device, linear_rows: dict) -> List[dict]:
+    """One implementation at one dtype, keep_slots and B, over the bag sizes."""
+    name, bags, dname, keep_slots = impl.name, ctx.bags, base["dtype"], ctx.keep_slots
+    base = dict(base, bags=bags)
+    try:
+        model = impl.factory(ctx)
+    except Skip as exc:
+        _log(f"{dname} keep_slots={keep_slots} {name}: {exc}")
+        return [dict(base, n=n, status="skipped", note=str(exc)) for n in args.n]
+    rows: List[dict] = []
+    done: List[dict] = []
+    failed = None
+    for n in args.n:
+        row = dict(base, n=n)
+        reason = failed or ("out of time (the run's deadline passed)" if out_of_time(args) else None) \
+            or predicted_skip(impl, ctx, n, done, args)
+        if reason:
+            row.update(status="skipped", note=reason)
+        else:
+            _log(f"{dname} keep_slots={keep_slots} {name} {_size(n, bags)} ...")
+            try:
+                row.update(status="ok", **measure(model, ctx, n, args))
+                for attempt in range(args.retries if device.type == "cpu" else 0):
+                    if (row["other_load_cores"] or 0.0) <= NOISY_CORES:
+                        break
+                    _log(f"  other processes kept {row['other_load_cores']:.2f} cores busy: "
+                         f"waiting for a quiet machine, then measuring again")
+                    wait_for_quiet()
+                    again = measure(model, ctx, n, args)
+                    again["remeasured"] = attempt + 1
+                    if again["other_load_cores"] < row["other_load_cores"]:
+                        row.update(again)
+            except Exception as exc:  # noqa: BLE001 -- recorded in the row, and the sweep goes on
+                msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                oom = isinstance(exc, torch.OutOfMemoryError) if hasattr(torch, "OutOfMemoryError") else False
+                if name == "compile" and not done:
+                    failed = f"torch.compile failed: {msg[:300]}"
+                    row.update(status="skipped", note=failed)
+                else:
+                    row.update(status="error", note=("out of memory: " if oom else "") + msg[:300])
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    add_ratios(rows)
+        done.append(row)
+        rows.append(row)
+        if name == "linear":
+            linear_rows[(bags, n)] = {k: v for k, v in row.items() if k not in ("impl", "dtype", "keep_slots")}
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -494,9 +518,9 @@ RATIO_FIELDS = ("fwd_ms", "fwdbwd_ms", "fwd_peak_mib", "fwdbwd_peak_mib")
 
 def add_ratios(rows: List[dict]) -> None:
     """<field>_x = value / nn.Linear's value at the same dtype and N."""
-    lin = {(r["dtype"], r["n"]): r for r in rows if r["impl"] == "linear" and r["status"] == "ok"}
+    lin = {(r["dtype"], r["n"], r["bags"]): r for r in rows if r["impl"] == "linear" and r["status"] == "ok"}
     for r in rows:
-        ref = lin.get((r["dtype"], r["n"]))
+        ref = lin.get((r["dtype"], r["n"], r["bags"]))
         for f in RATIO_FIELDS:
             if r.get("status") == "ok" and ref is not None and ref[f] > 0:
                 r[f + "_x"] = r[f] / ref[f]
@@ -527,22 +551,23 @@ def format_table(rows: List[dict], args) -> str:
                 continue
             mode = "fp32" if dname == "fp32" else "bf16 (autocast, fp32 parameters, bf16 features)"
             out.append(f"\n{mode}, keep_slots={ks}: time ms and peak extra memory MiB (x nn.Linear)\n")
-            out.append("| N | impl | forward ms | fwd+bwd ms | forward MiB | fwd+bwd MiB |")
-            out.append("|--:|---|--:|--:|--:|--:|")
+            out.append("| B | N | impl | forward ms | fwd+bwd ms | forward MiB | fwd+bwd MiB |")
+            out.append("|--:|--:|---|--:|--:|--:|--:|")
             not_run = {}
             for name in args.impl:
                 rs = [r for r in block if r["impl"] == name]
                 if rs and all(r["status"] != "ok" for r in rs) and len({r["note"] for r in rs}) == 1:
                     not_run[name] = rs[0]["note"]
-            for n in args.n:
+            for bags, n in ((b, n) for b in args.bags for n in args.n):
                 for r in block:
-                    if r["n"] != n or r["impl"] in not_run:
+                    if r["n"] != n or r["bags"] != bags or r["impl"] in not_run:
                         continue
                     if r["status"] == "ok":
-                        out.append(f"| {n:,} | {r['impl']}{_noisy_mark(r)} | {_cell(r, 'fwd_ms', '.1f')} | {_cell(r, 'fwdbwd_ms', '.1f')} "
-                                   f"| {_cell(r, 'fwd_peak_mib', '.1f')} | {_cell(r, 'fwdbwd_peak_mib', '.1f')} |")
+                        out.append(f"| {bags} | {n:,} | {r['impl']}{_noisy_mark(r)} | {_cell(r, 'fwd_ms', '.1f')} "
+                                   f"| {_cell(r, 'fwdbwd_ms', '.1f')} | {_cell(r, 'fwd_peak_mib', '.1f')} "
+                                   f"| {_cell(r, 'fwdbwd_peak_mib', '.1f')} |")
                     else:
-                        out.append(f"| {n:,} | {r['impl']} | {r['status']}: {r['note']} | | | |")
+                        out.append(f"| {bags} | {n:,} | {r['impl']} | {r['status']}: {r['note']} | | | |")
             if not_run:
                 out.append("")
                 out.extend(f"- {name}: {note}" for name, note in not_run.items())
@@ -551,12 +576,14 @@ def format_table(rows: List[dict], args) -> str:
     return "\n".join(out)
 
 
-def summary_table(rows: List[dict], n: int) -> str:
-    """Forward+backward time and peak extra memory at one N, one column per dtype and keep_slots."""
+def summary_table(rows: List[dict], n: int, bags: int = 1) -> str:
+    """Forward+backward time and peak extra memory at one B and N, one column per dtype and keep_slots."""
+    rows = [r for r in rows if r["n"] == n and r["bags"] == bags]
     configs = [(d, ks) for d in DTYPES for ks in (True, False)
-               if any(r["dtype"] == d and r["keep_slots"] == ks and r["n"] == n for r in rows)]
-    by = {(r["impl"], r["dtype"], r["keep_slots"]): r for r in rows if r["n"] == n}
-    lines = [f"| N = {n:,}: fwd+bwd ms, peak MiB | " + " | ".join(f"{d}, keep_slots={ks}" for d, ks in configs) + " |",
+               if any(r["dtype"] == d and r["keep_slots"] == ks for r in rows)]
+    by = {(r["impl"], r["dtype"], r["keep_slots"]): r for r in rows}
+    where = f"N = {n:,}" if bags == 1 else f"B = {bags}, N = {n:,}"
+    lines = [f"| {where}: fwd+bwd ms, peak MiB | " + " | ".join(f"{d}, keep_slots={ks}" for d, ks in configs) + " |",
              "|---|" + "---|" * len(configs)]
     for name in IMPLS:
         cells = []
@@ -594,13 +621,17 @@ def plot(rows: List[dict], args, path: Path, title: str) -> None:
             for idx, name in enumerate(IMPLS):
                 if name not in args.impl:
                     continue
-                pts = sorted((r["n"], r[field]) for r in rows if r["impl"] == name and r["dtype"] == dname
-                             and r["keep_slots"] == ks and r["status"] == "ok" and r[field] > 0)
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name, color=f"C{idx}")
+                for bags, style in zip(args.bags, ("-", "--", ":", "-.")):
+                    pts = sorted((r["n"], r[field]) for r in rows if r["impl"] == name and r["dtype"] == dname
+                                 and r["keep_slots"] == ks and r["bags"] == bags and r["status"] == "ok"
+                                 and r[field] > 0)
+                    if pts:
+                        label = name if len(args.bags) == 1 else f"{name}, B={bags}"
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=label,
+                                color=f"C{idx}")
             ax.set_xscale("log")
             ax.set_yscale("log")
-            ax.set_xlabel("N (patches)")
+            ax.set_xlabel("N (patches per bag)")
             ax.set_title(f"{dname}, keep_slots={ks}: {label}", fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
             if ax.has_data():
@@ -616,12 +647,17 @@ def kernel_timings(args, device: torch.device) -> List[dict]:
     import triton.testing
 
     from .launchers import build_cases
-    from .roofline import H100, launcher_floor, mammoth_kernels
+    from .roofline import launcher_floor, machine_for, mammoth_kernels
 
-    machine = dataclasses.replace(H100, sm_count=torch.cuda.get_device_properties(device).multi_processor_count)
+    prop = torch.cuda.get_device_properties(device)
+    machine = machine_for(prop.name, prop.multi_processor_count)
     out = []
     for dname in args.dtype:
         for n in args.n:
+            if out_of_time(args):
+                out.append(dict(dtype=dname, n=n, launcher="(all)", status="skipped",
+                                note="out of time (the run's deadline passed)"))
+                continue
             try:
                 cases = build_cases(n, DTYPES[dname], device)
             except Exception as exc:  # noqa: BLE001
@@ -632,9 +668,11 @@ def kernel_timings(args, device: torch.device) -> List[dict]:
                 floor = launcher_floor(kernels, c.kernels, machine)
                 try:
                     c.fn()
-                    us = 1e3 * triton.testing.do_bench(c.fn, return_mode="median")
+                    us = 1e3 * triton.testing.do_bench(c.fn, warmup=max(1, int(args.rep_ms // 4)),
+                                                       rep=int(args.rep_ms), return_mode="median")
                     out.append(dict(dtype=dname, n=n, launcher=c.name, kernels=list(c.kernels), status="ok",
-                                    time_us=us, floor_us=floor * 1e6, time_over_floor=us / (floor * 1e6)))
+                                    time_us=us, floor_us=floor * 1e6, time_over_floor=us / (floor * 1e6),
+                                    machine=machine.name))
                 except Exception as exc:  # noqa: BLE001
                     out.append(dict(dtype=dname, n=n, launcher=c.name, status="error", floor_us=floor * 1e6,
                                     note=f"{type(exc).__name__}: {exc}"))
@@ -644,7 +682,9 @@ def kernel_timings(args, device: torch.device) -> List[dict]:
 
 
 def format_kernels(krows: List[dict]) -> str:
-    lines = ["\nkernel launchers: time (do_bench median) against the H100 roofline floor (benchmarks/roofline.py)\n",
+    machines = sorted({r["machine"] for r in krows if "machine" in r}) or ["H100"]
+    lines = [f"\nkernel launchers: time (do_bench median) against the roofline floor of {', '.join(machines)} "
+             "(benchmarks/roofline.py)\n",
              "| dtype | N | launcher | time µs | floor µs | time / floor |", "|---|--:|---|--:|--:|--:|"]
     for r in krows:
         if r["status"] == "ok":
@@ -665,6 +705,8 @@ def parse_args(argv: Optional[Sequence[str]], device: torch.device):
     parser.add_argument("--n", type=int, nargs="+",
                         help=f"bag sizes (default: {', '.join(map(str, GPU_N))} on a GPU, "
                              f"{', '.join(map(str, CPU_N))} on CPU)")
+    parser.add_argument("--bags", type=int, nargs="+", default=[1],
+                        help="B, the number of bags of N patches in one call (default: 1)")
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--keep-slots", choices=["both", "true", "false"], default="both")
     parser.add_argument("--impl", nargs="+", choices=list(IMPLS), help="implementations (default: all)")
@@ -677,6 +719,10 @@ def parse_args(argv: Optional[Sequence[str]], device: torch.device):
                         help="skip an N where one forward+backward is estimated to take longer "
                              "(default 30 on CPU, 10 on a GPU)")
     parser.add_argument("--no-skip", action="store_true", help="try every N, whatever the estimates")
+    parser.add_argument("--rep-ms", type=float, default=100.0,
+                        help="GPU: do_bench's timing window per measurement, ms (warm-up a quarter of it)")
+    parser.add_argument("--time-limit-s", type=float, default=None,
+                        help="stop measuring after this many seconds: the rows left are reported as skipped")
     parser.add_argument("--retries", type=int, default=None,
                         help="CPU: measure a row again (after waiting for a quiet machine) while other processes "
                              f"kept more than {NOISY_CORES} cores busy, at most this often (default 4; 0 with --quick)")
@@ -695,6 +741,8 @@ def parse_args(argv: Optional[Sequence[str]], device: torch.device):
     if args.n is None:
         args.n = list((QUICK_N_GPU if gpu else QUICK_N_CPU) if args.quick else (GPU_N if gpu else CPU_N))
     args.n = sorted(set(args.n))
+    args.bags = sorted(set(args.bags))
+    args.deadline = None if args.time_limit_s is None else time.monotonic() + args.time_limit_s
     if args.repeats is None:
         args.repeats = 1 if args.quick else 5
     if args.retries is None:
@@ -728,7 +776,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     elapsed = time.perf_counter() - t0
 
     print(format_table(rows, args))
-    print(f"\nSummary (x nn.Linear):\n\n{summary_table(rows, max(args.n))}")
+    print(f"\nSummary (x nn.Linear):\n\n{summary_table(rows, max(args.n), min(args.bags))}")
     loads = [r["other_load_cores"] for r in rows if r.get("other_load_cores") is not None]
     other_load = max(loads) if loads else None
     if other_load is not None:
@@ -744,8 +792,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "machine": info,
         "versions": vers,
         "settings": {
-            "sizes": {**SIZES, "lora_rank": "auto (17)", "bags": 1},
-            "n": args.n, "dtypes": args.dtype, "keep_slots": args.keep_slots, "impls": args.impl,
+            "sizes": {**SIZES, "lora_rank": "auto (17)"},
+            "n": args.n, "bags": args.bags, "dtypes": args.dtype, "keep_slots": args.keep_slots, "impls": args.impl,
             "impl_descriptions": {k: IMPLS[k].description for k in args.impl},
             "repeats": args.repeats, "quick": args.quick,
             "bf16": "torch.autocast(dtype=bfloat16), fp32 parameters, features stored in bf16",

@@ -7,6 +7,7 @@ the very same functions, so what is checked is what runs.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -37,7 +38,8 @@ def traceable(kernel):
 
 
 def check_device(*tensors: torch.Tensor) -> None:
-    """Kernels run on CUDA tensors, or on CPU tensors under the interpreter."""
+    """Kernels run on CUDA tensors, or on CPU tensors under the interpreter, all
+    on one device."""
     for t in tensors:
         if t.is_cuda or (t.device.type == "cpu" and interpreting()):
             continue
@@ -48,6 +50,27 @@ def check_device(*tensors: torch.Tensor) -> None:
                 "by setting the environment variable TRITON_INTERPRET=1 before triton is imported."
             )
         raise RuntimeError(f"mammoth_fast: the triton backend supports CUDA tensors, got one on {t.device}")
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise RuntimeError(f"mammoth_fast: the triton backend got tensors on several devices "
+                           f"({', '.join(sorted(map(str, devices)))}); move the layer and its input to one device")
+
+
+def on_device(launcher):
+    """Decorates a launcher so that its kernels run on the device of its first
+    tensor argument. Triton launches on the *current* CUDA device and stream:
+    without this guard a layer on cuda:1 called while cuda:0 is current would
+    hand cuda:1 pointers to a kernel running on cuda:0."""
+
+    @functools.wraps(launcher)
+    def run(*args, **kwargs):
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if first is not None and first.is_cuda and torch.cuda.is_available():
+            with torch.cuda.device(first.device):
+                return launcher(*args, **kwargs)
+        return launcher(*args, **kwargs)
+
+    return run
 
 
 def sm_count(device: torch.device) -> int:
@@ -82,11 +105,26 @@ def dot_dtype(dtype: torch.dtype):
     return tl.float32
 
 
+def torch_allows_tf32() -> bool:
+    """Whether torch lets fp32 CUDA matmuls use TF32. Torch >= 2.9 keeps this in
+    ``torch.backends.cuda.matmul.fp32_precision`` ("tf32", "ieee", or "none"
+    when nothing is set; a setting of ``torch.backends.fp32_precision`` or of
+    the legacy ``allow_tf32`` shows through it). Reading the legacy
+    ``torch.backends.cuda.matmul.allow_tf32`` there raises once anyone used the
+    new API, so the legacy flag is read only where the new one does not exist."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        precision = matmul.fp32_precision
+    except AttributeError:  # torch < 2.9
+        return bool(matmul.allow_tf32)
+    return precision == "tf32"
+
+
 def input_precision() -> str:
     """fp32 dots follow torch's setting: IEEE unless TF32 is allowed for matmuls."""
     if interpreting():
         return "ieee"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32" if torch_allows_tf32() else "ieee"
 
 
 TORCH_TO_TL = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import on_device
+
 LANES = tl.constexpr(4)  # draws per Philox call, for consecutive slots
 
 
@@ -112,6 +114,7 @@ def seed_tensor(seed, device) -> torch.Tensor:
     return torch.as_tensor(seed, dtype=torch.int64, device=device).reshape(1)
 
 
+@on_device
 def slot_keep_mask(seed, p_drop: float, b: int, n: int, h: int, p: int, device) -> torch.Tensor:
     """The (B, N, H, P) bool keep-mask the kernels use for ``seed`` (an int or a
     (1,) int64 tensor; N*H*P values: tests and return_weights only)."""

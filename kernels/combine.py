@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision, sm_count, traceable
+from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision, on_device, sm_count, traceable
 from ._slot_dropout import kernel_p_drop, load_seed, seed_tensor, slot_keep_np, slot_keep_pn
 from ._tiles import load_tile
 
@@ -261,6 +261,7 @@ def _common_args(q: torch.Tensor, mask, drop) -> tuple:
     return mask_arg, seed, p_drop, consts
 
 
+@on_device
 def combine_forward(q: torch.Tensor, k: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None,
                     out_dtype: torch.dtype, drop=None):
     """q (B, N, C) unit stride along C; k (H, P, dh) and y (B, P, D) in the
@@ -285,6 +286,7 @@ def combine_forward(q: torch.Tensor, k: torch.Tensor, y: torch.Tensor, mask: tor
     return out, lse
 
 
+@on_device
 def combine_backward(dout, q, k, y, out, lse, mask, drop, need_dq: bool, need_dk: bool, need_dy: bool):
     """dO (B, N, D) -> dq (B, N, C) in q's dtype, dK (H, P, dh) and dY (B, P, D)
     in the accumulator dtype; None where not needed. dK and dY are reduced

@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision, sm_count, traceable
+from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision, on_device, sm_count, traceable
 from ._slot_dropout import kernel_p_drop, load_seed, seed_tensor, slot_keep_np, slot_keep_pn
 from ._tiles import load_tile
 
@@ -274,6 +274,7 @@ def _common_args(q: torch.Tensor, mask, drop):
     return mask_arg, seed, p_drop, consts
 
 
+@on_device
 def dispatch_forward(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, drop=None):
     """q (B, N, C) with unit stride along C; k (H, P, dh) contiguous, in the
     accumulator dtype; mask (B, N) bool or None; drop (seed, p) of slot
@@ -305,6 +306,7 @@ def dispatch_forward(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None
     return z, lse
 
 
+@on_device
 def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq: bool, need_dk: bool):
     """dZ (B, H, P, dh) -> dq (B, N, C) in q's dtype and dK (H, P, dh) in the
     accumulator dtype (None where not needed). dK is reduced over n-chunks and

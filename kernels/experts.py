@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._launch import MIN_DOT, TORCH_TO_TL, acc_dtype, block, check_device, input_precision, traceable
+from ._launch import MIN_DOT, TORCH_TO_TL, acc_dtype, block, check_device, input_precision, on_device, traceable
 
 L2NORM_EPS = tl.constexpr(1e-8)
 
@@ -199,6 +199,7 @@ def experts_bwd_meta(s: int, dh: int, r: int, do: int) -> dict:
     return {**experts_meta(s, dh, r, do), "BLOCK_S": MIN_DOT}
 
 
+@on_device
 def experts_forward(z: torch.Tensor, shared_weight, shared_bias, expert_weights, expert_bias, expert_gamma):
     """Z (B, H, P, dh) in the accumulator dtype (fp32, or fp64) -> Y (B, P, D)
     and the inverse norms (B, P), both in Z's dtype. Parameters in the layer's
@@ -221,6 +222,7 @@ def experts_forward(z: torch.Tensor, shared_weight, shared_bias, expert_weights,
     return y, inv_norm
 
 
+@on_device
 def experts_backward(dy, z, shared_weight, shared_bias, expert_weights, expert_bias, expert_gamma, inv_norm,
                      need_param_grads: bool = True, need_dz: bool = True):
     """dY (B, P, D) -> (dZ, dA, da, dBw, dc, dg), each None where not needed.

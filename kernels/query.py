@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision, traceable
+from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision, on_device, traceable
 
 
 @triton.jit
@@ -89,6 +89,7 @@ def query_meta(m: int, k: int, c: int, dtype: torch.dtype) -> dict:
                 num_warps=8, num_stages=3)
 
 
+@on_device
 def query_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
                   beta: torch.Tensor | None, use_layernorm: bool, eps: float = 1e-5, *,
                   y_out: torch.Tensor | None = None):
@@ -174,6 +175,7 @@ def query_norm_bwd_meta(c: int) -> dict:
     return dict(BLOCK_M=max(1, min(128, 8192 // block_c)), BLOCK_C=block_c, num_warps=8)
 
 
+@on_device
 def query_norm_backward(dq: torch.Tensor, y: torch.Tensor, mean: torch.Tensor | None, rstd: torch.Tensor,
                         gamma: torch.Tensor, use_layernorm: bool, need_dy: bool, need_dgamma: bool):
     """dq (M, C) any strides; y (M, C) contiguous, mean (LayerNorm; else None)
