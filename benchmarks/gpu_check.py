@@ -38,6 +38,7 @@ written after every section, so a run cut short keeps what it measured:
   <card>-<date>-gpu-check.json   everything, per section
   <card>-<date>-gpu-check.md     the summary tables
   <card>-<date>-tests.log        pytest's output
+  <card>-<date>-test-failures.log  each failure with its traceback, written as it happens
   <card>-<date>.json, .png       the benchmark rows and plot (benchmarks.run)
 
 Wheels: the only package this run needs that the lender's image lacks is
@@ -216,12 +217,15 @@ def machine(chk: Check) -> dict:
 def tests(chk: Check) -> dict:
     log_path = chk.path("-tests.log")
     timeout = max(30, int(chk.section_left() - 10))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider"]
+    fail_path = chk.path("-test-failures.log")
+    fail_path.write_text("")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-p", "benchmarks._pytest_live"]
     if importlib.util.find_spec("xdist"):
         cmd += ["-n", str(min(12, max(2, (os.cpu_count() or 4) - 2)))]
     if importlib.util.find_spec("pytest_timeout"):
         cmd += ["--timeout", str(min(240, timeout))]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["GPU_CHECK_FAILURES"] = str(fail_path)
     log(" ".join(cmd[1:]))
     start = time.monotonic()
     with open(log_path, "w") as fh:
@@ -234,10 +238,10 @@ def tests(chk: Check) -> dict:
     text = log_path.read_text(errors="replace")
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|errors?|skipped|xfailed)", text.splitlines()[-1]
                                                 if text.strip() else "")}
-    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", text, flags=re.M)
+    failed = re.findall(r"^FAILED (\S+)", fail_path.read_text(errors="replace"), flags=re.M)
     status = "ok" if rc == 0 else ("timeout" if rc == "timeout" else "failed")
     return dict(status=status, returncode=rc, counts=counts, failed=failed, command=" ".join([*cmd[1:], *TEST_FILES]),
-                seconds=round(time.monotonic() - start, 1), log=log_path.name)
+                seconds=round(time.monotonic() - start, 1), log=log_path.name, failures=fail_path.name)
 
 
 def _randomized(layer):
