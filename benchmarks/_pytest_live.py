@@ -8,6 +8,6 @@ import os
 
 def pytest_runtest_logreport(report):
     path = os.environ.get("GPU_CHECK_FAILURES")
-    if path and report.failed:
+    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller writes
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(f"FAILED {report.nodeid} ({report.when}, {report.duration:.1f} s)\n{report.longreprtext}\n\n")
