@@ -230,7 +230,7 @@ def tests(chk: Check) -> dict:
     start = time.monotonic()
     with open(log_path, "w") as fh:
         try:
-            proc = subprocess.run([*cmd, *(str(ROOT / t) for t in TEST_FILES)], env=env, stdout=fh,
+            proc = subprocess.run([*cmd, *(str(ROOT / t) for t in chk.args.tests)], env=env, stdout=fh,
                                   stderr=subprocess.STDOUT, timeout=timeout)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
@@ -240,7 +240,7 @@ def tests(chk: Check) -> dict:
                                                 if text.strip() else "")}
     failed = re.findall(r"^FAILED (\S+)", fail_path.read_text(errors="replace"), flags=re.M)
     status = "ok" if rc == 0 else ("timeout" if rc == "timeout" else "failed")
-    return dict(status=status, returncode=rc, counts=counts, failed=failed, command=" ".join([*cmd[1:], *TEST_FILES]),
+    return dict(status=status, returncode=rc, counts=counts, failed=failed, command=" ".join([*cmd[1:], *chk.args.tests]),
                 seconds=round(time.monotonic() - start, 1), log=log_path.name, failures=fail_path.name)
 
 
@@ -391,7 +391,7 @@ def compile_step(chk: Check) -> dict:
 def bench(chk: Check) -> dict:
     from benchmarks import run
 
-    argv = ["--n", *map(str, chk.args.bench_n), "--bags", *map(str, BENCH_BAGS), "--impl", *BENCH_IMPLS,
+    argv = ["--n", *map(str, chk.args.bench_n), "--bags", *map(str, BENCH_BAGS), "--impl", *chk.args.bench_impl,
             "--no-kernels", "--rep-ms", "40", "--out-dir", str(chk.args.out_dir), "--date", chk.date,
             "--time-limit-s", str(max(5, int(chk.section_left() - 15)))]
     res = run.main(argv)
@@ -412,7 +412,8 @@ def kernels(chk: Check) -> dict:
 
 
 def memory(chk: Check) -> dict:
-    """Peak extra memory and time of one training step (forward + backward) at N = 1M."""
+    """Peak extra memory and time of one training step (forward, then backward of
+    a fixed random output gradient, made beforehand) at N = 1M, one bag."""
     import torch
     import torch.nn as nn
 
@@ -424,34 +425,34 @@ def memory(chk: Check) -> dict:
     for dname, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         x = torch.randn(1, MEMORY_N, SIZES["input_dim"], device=dev, dtype=dtype)
         for impl, keep_slots in (("linear", None), ("triton", True), ("triton", False)):
+            row = dict(impl=impl, dtype=dname, keep_slots=keep_slots)
             if chk.section_left() < 3:
-                rows.append(dict(impl=impl, dtype=dname, keep_slots=keep_slots, status="skipped", note="out of time"))
+                rows.append(dict(row, status="skipped", note="out of time"))
                 continue
             torch.manual_seed(0)
             model = (nn.Linear(SIZES["input_dim"], SIZES["dim"]) if impl == "linear" else
                      Mammoth(**SIZES, keep_slots=keep_slots, backend="triton")).to(dev).train()
             cast = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext()
-
-            def step():
-                with cast:
-                    o = model(x)
-                o.float().square().mean().backward()
-
             try:
-                step()  # compile and warm up
+                with cast:
+                    out = model(x)  # compiles and warms up
+                grad = torch.randn_like(out)
+                out.backward(grad)
+                del out
                 model.zero_grad(set_to_none=True)
                 torch.cuda.synchronize()
                 base = torch.cuda.memory_allocated(dev)
                 torch.cuda.reset_peak_memory_stats(dev)
                 t0 = time.perf_counter()
-                step()
+                with cast:
+                    out = model(x)
+                out.backward(grad)
                 torch.cuda.synchronize()
-                rows.append(dict(impl=impl, dtype=dname, keep_slots=keep_slots, status="ok",
-                                 step_ms=1e3 * (time.perf_counter() - t0),
+                rows.append(dict(row, status="ok", step_ms=1e3 * (time.perf_counter() - t0),
                                  peak_extra_gib=(torch.cuda.max_memory_allocated(dev) - base) / 2**30))
+                del out, grad
             except Exception as exc:  # noqa: BLE001 - recorded
-                rows.append(dict(impl=impl, dtype=dname, keep_slots=keep_slots, status="error",
-                                 note=f"{type(exc).__name__}: {str(exc)[:300]}"))
+                rows.append(dict(row, status="error", note=f"{type(exc).__name__}: {str(exc)[:300]}"))
             del model
             torch.cuda.empty_cache()
         del x
@@ -572,16 +573,27 @@ def markdown(res: dict) -> str:
 
 
 # --------------------------------------------------------------------- main
+def shares(args) -> Dict[str, float]:
+    """Seconds per chosen section: those named by --share get theirs, the others
+    split the rest of --budget-s in proportion to their default shares."""
+    chosen = [s for s in SECTIONS if _chosen(s.name, args) or s.name == "machine"]
+    fixed = {k: v for k, v in args.share.items() if any(s.name == k for s in chosen)}
+    rest = [s for s in chosen if s.name not in fixed]
+    left = max(0.0, args.budget_s - sum(fixed.values()))
+    total = sum(s.share_s for s in rest) or 1.0
+    return {s.name: fixed.get(s.name, left * s.share_s / total) for s in chosen}
+
+
 def plan(args) -> str:
-    scale = args.budget_s / DEFAULT_BUDGET_S
-    chosen = [s for s in SECTIONS if _chosen(s.name, args)]
+    secs = shares(args)
     lines = [f"python -m benchmarks.gpu_check: budget {args.budget_s:.0f} s "
-             f"(estimated {sum(s.share_s * scale for s in chosen):.0f} s), results in {args.out_dir}"]
-    for s in chosen:
-        lines.append(f"  {s.name:<10} {s.share_s * scale:5.0f} s  {s.what}")
-    lines += ["tests:   " + " ".join(TEST_FILES),
+             f"(estimated {sum(secs.values()):.0f} s), results in {args.out_dir}"]
+    for s in SECTIONS:
+        if s.name in secs:
+            lines.append(f"  {s.name:<10} {secs[s.name]:5.0f} s  {s.what}")
+    lines += ["tests:   " + " ".join(args.tests),
               f"bench:   N = {', '.join(f'{n:,}' for n in args.bench_n)}; B = {', '.join(map(str, BENCH_BAGS))}; "
-              f"{', '.join(BENCH_IMPLS)}; fp32 and bf16; keep_slots true and false",
+              f"{', '.join(args.bench_impl)}; fp32 and bf16; keep_slots true and false",
               f"kernels: N = {', '.join(f'{n:,}' for n in KERNEL_N)}, fp32 and bf16",
               f"wheels:  {', '.join(p.name for p in sorted(WHEEL_DIR.glob('*.whl'))) or 'none in .whl/ (mammoth-moe column skipped)'}",
               f"files:   <card>-{args.date}-gpu-check.json, -gpu-check.md, -tests.log, <card>-{args.date}.json, .png"]
@@ -603,9 +615,25 @@ def parse_args(argv):
     parser.add_argument("--only", nargs="+", choices=names, help="run only these sections")
     parser.add_argument("--skip", nargs="+", choices=names, help="leave these sections out")
     parser.add_argument("--bench-n", type=int, nargs="+", default=list(BENCH_N), help="the benchmark's bag sizes")
+    parser.add_argument("--bench-impl", nargs="+", default=list(BENCH_IMPLS),
+                        help=f"the benchmark's implementations (default: {' '.join(BENCH_IMPLS)})")
+    parser.add_argument("--tests", nargs="+", default=list(TEST_FILES),
+                        help="test files (or node ids) to run on the GPU (default: TEST_FILES, the CUDA-relevant ones)")
+    parser.add_argument("--share", type=_share, nargs="+", default=[], metavar="SECTION=SECONDS",
+                        help="give these sections this many seconds; the others split the rest of the budget")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help="where the results go")
     parser.add_argument("--date", default=datetime.date.today().isoformat(), help="date in the file names")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.share = dict(args.share)
+    return args
+
+
+def _share(text: str) -> tuple:
+    name, _, secs = text.partition("=")
+    if name not in {s.name for s in SECTIONS} or not secs.replace(".", "", 1).isdigit():
+        raise argparse.ArgumentTypeError(f"--share {text!r}: use SECTION=SECONDS, SECTION one of "
+                                         f"{', '.join(s.name for s in SECTIONS)}")
+    return name, float(secs)
 
 
 def main(argv=None) -> int:
@@ -630,12 +658,12 @@ def main(argv=None) -> int:
     chk = Check(args)
     chk.device = torch.device("cuda:0")
     chk.results.update(date=args.date, budget_s=args.budget_s, setup=setup_done, argv=sys.argv[1:])
-    scale = args.budget_s / DEFAULT_BUDGET_S
-    chosen = [s for s in SECTIONS if _chosen(s.name, args) or s.name == "machine"]
+    secs = shares(args)
+    chosen = [s for s in SECTIONS if s.name in secs]
     for i, sec in enumerate(chosen):
-        rest = sum(s.share_s for s in chosen[i:]) * scale
-        # this section's share of what is left, so that time saved early goes to later sections
-        share = chk.left() * sec.share_s * scale / rest if rest > 0 else 0
+        rest = sum(secs[s.name] for s in chosen[i:])
+        # this section's part of what is left, so that time saved early goes to later sections
+        share = chk.left() * secs[sec.name] / rest if rest > 0 else 0
         start = time.monotonic()
         if chk.left() < 3:
             res = dict(status="skipped", note="out of time")

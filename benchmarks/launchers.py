@@ -56,7 +56,7 @@ def build_cases(n: int, dtype: torch.dtype, device, sz: Sizes = RECOMMENDED, see
         k = reference.slot_keys(prm, acc).contiguous()
         lora = (prm.shared_weight, prm.shared_bias, prm.expert_weights, prm.expert_bias, prm.expert_gamma)
         z, lse_d = dispatch_forward(q3, k, None)
-        y, inv_norm = experts_forward(z, *lora)
+        y, inv_norm, v = experts_forward(z, *lora)
         out, lse_c = combine_forward(q3, k, y, None, dtype)
         dq_in = torch.randn_like(q)  # gradient of q, as autograd hands it to the query backward
         dz = torch.randn_like(z)
@@ -78,7 +78,7 @@ def build_cases(n: int, dtype: torch.dtype, device, sz: Sizes = RECOMMENDED, see
         ("query_bwd", query_bwd, ("query norm bwd", "query dW GEMM", "query db (dy.sum)")),
         ("dispatch_bwd", lambda: dispatch_backward(dz, q3, k, z, lse_d, None, None, True, True),
          ("dispatch bwd dq", "dispatch bwd dK")),
-        ("experts_bwd", lambda: experts_backward(dy, z, *lora, inv_norm, True, True), ("experts bwd",)),
+        ("experts_bwd", lambda: experts_backward(dy, z, *lora, v, inv_norm, True, True), ("experts bwd",)),
         ("combine_bwd", lambda: combine_backward(dout, q3, k, y, out, lse_c, None, None, True, True, True),
          ("combine bwd dq (+delta_c)", "combine bwd dK/dY")),
     ]

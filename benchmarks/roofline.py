@@ -30,10 +30,11 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from mammoth_fast.kernels._launch import split_n
 from mammoth_fast.kernels.combine import combine_dkdy_meta, combine_dq_meta, combine_meta
 from mammoth_fast.kernels.dispatch import dispatch_dq_meta, dispatch_meta
-from mammoth_fast.kernels.experts import experts_bwd_meta, experts_meta
-from mammoth_fast.kernels.query import query_meta, query_norm_bwd_meta
+from mammoth_fast.kernels.experts import experts_meta
+from mammoth_fast.kernels.query import query_meta, query_rows_meta
 from mammoth_fast.sizes import LayerSizes as Sizes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -42,6 +43,10 @@ PARAM_BYTES = 4  # fp32 parameters (bf16 runs under autocast)
 
 
 RECOMMENDED = Sizes()
+RESIDENT_PER_SM = 2
+"""Programs of a split-n kernel taken to run at once per SM, for the n-chunk
+count (and so the partials' bytes) of the model; the launchers read the
+compiled kernel's occupancy instead."""
 
 
 @dataclass(frozen=True)
@@ -159,7 +164,7 @@ def mammoth_kernels(n: int, dtype: torch.dtype, keep_slots: bool, sz: Sizes = RE
     out = []
 
     # --- query: q = norm(x @ Wq^T + bq); the training forward also stores y
-    qm = query_meta(bn, din, c, dtype)
+    qm = query_meta(c, dtype)
     q_tile = 2 * _pad(bn, qm["BLOCK_M"]) * _pad(c, qm["BLOCK_C"]) * din
     q_in = bn * din * s + c * din * s + 3 * c * pf  # x, Wq (cast to the compute dtype), bias, gamma, beta
     q_out = bn * c * s + 2 * bn * f  # q, mean, rstd
@@ -169,8 +174,9 @@ def mammoth_kernels(n: int, dtype: torch.dtype, keep_slots: bool, sz: Sizes = RE
                           q_tile, 0, note="training: also writes the pre-norm y for the backward"))
 
     # --- dispatch: split-N partials, then the log-sum-exp merge
-    dm = dispatch_meta(n, p, dh, b * h, dtype, m.sm_count)
-    ns, bp, bnk = dm["n_splits"], dm["BLOCK_P"], dm["BLOCK_N"]
+    dm = dispatch_meta(p, dh, dtype)
+    bp, bnk = dm["BLOCK_P"], dm["BLOCK_N"]
+    ns = split_n(n, bnk, -(-p // bp) * dm["NUM_DV"] * b * h, RESIDENT_PER_SM * m.sm_count)[0]
     p_pad, n_pad, tiles = _pad(p, bp), _pad(n, bnk), -(-n // bnk)
     parts = b * h * ns * p * (2 + dh) * f  # m, l, acc partials
     out.append(KernelCost(
@@ -182,19 +188,20 @@ def mammoth_kernels(n: int, dtype: torch.dtype, keep_slots: bool, sz: Sizes = RE
         "dispatch fwd merge", "fwd", "triton", "none", 0, bhp * (ns + 1), parts + z_bytes + lse_d, 0,
         b * h * p_pad * (ns + 1), chains=("infer", "train")))
 
-    # --- experts: two sweeps over the heads (norm, then output)
-    em = experts_meta(sz.s, dh, r, do)
-    eprog = -(-sz.s // em["BLOCK_S"]) * e * b
-    e_pair = 2 * em["BLOCK_S"] * (em["BLOCK_DH"] * em["BLOCK_R"] + em["BLOCK_R"] * em["BLOCK_DO"])  # per head
+    # --- experts: the projections per (expert, head), then the norm per slot
+    em = experts_meta(sz.s, dh, r, do, torch.float32)
+    eprog = -(-sz.s // em["BLOCK_S"]) * e * h * b  # (expert, head, bag, slot block) programs
+    e_r, e_dh, e_do = _pad(r, em["BLOCK_R"]), _pad(dh, em["BLOCK_DH"]), _pad(do, em["BLOCK_DO"])
+    e_tile = 2 * em["BLOCK_S"] * (e_dh * e_r * em["NUM_VO"] + e_r * e_do)  # per program
     lora_bytes = (h * dh * r + h * r + e * h * r * do + e * h * do + e * d) * pf
     out.append(KernelCost(
         "experts fwd", "fwd", "triton", acc_dot, 2 * b * p * h * (dh * r + r * do), 0,
-        z_bytes + lora_bytes + y_bytes + b * p * f, 2 * eprog * h * e_pair, 0, chains=("infer", "train"),
-        note="v computed in both sweeps"))
+        z_bytes + lora_bytes + 3 * y_bytes + 2 * b * p * f, eprog * e_tile, 0, chains=("infer", "train"),
+        note="two kernels: v per (expert, head), written and read back by the norm"))
 
     # --- combine (keep_slots=False)
     if not keep_slots:
-        cm = combine_meta(n, p, dh, do, dtype)
+        cm = combine_meta(p, dh, do, dtype)
         cp_pad, cn_pad = _pad(p, cm["BLOCK_P"]), _pad(n, cm["BLOCK_N"])
         out.append(KernelCost(
             "combine fwd", "fwd", "triton", dot, 2 * bn * h * p * (dh + do), bn * h * p,
@@ -209,31 +216,32 @@ def mammoth_kernels(n: int, dtype: torch.dtype, keep_slots: bool, sz: Sizes = RE
 
     # ================================================================ backward
     if not keep_slots:
-        cq = combine_dq_meta(n, p, dh, do, dtype)
+        cq = combine_dq_meta(p, dh, do, dtype)
         qp_pad_c, qn_pad_c = _pad(p, cq["BLOCK_P"]), _pad(n, cq["BLOCK_N"])
         out.append(KernelCost(
             "combine bwd dq (+delta_c)", "bwd", "triton", dot, 2 * bn * h * p * (2 * dh + do), bn * h * p,
             bn * c * s + 2 * bn * d * s + nh + k_bytes + y_bytes + bn * c * s + nh,
             2 * b * h * qp_pad_c * qn_pad_c * (2 * dh + do), b * h * qp_pad_c * qn_pad_c,
             note="reads q, dO, out, LSE, K, Y; writes dq, delta_c"))
-        ck = combine_dkdy_meta(n, p, dh, do, b * h, dtype, m.sm_count)
+        ck = combine_dkdy_meta(p, dh, do, dtype)
         kp_pad, kn_pad = _pad(p, ck["BLOCK_P"]), _pad(n, ck["BLOCK_N"])
+        ck["n_splits"] = split_n(n, ck["BLOCK_N"], -(-p // ck["BLOCK_P"]) * ck["NUM_V"] * b * h,
+                                 RESIDENT_PER_SM * m.sm_count)[0]
         out.append(KernelCost(
             "combine bwd dK/dY", "bwd", "triton", dot, 2 * bn * h * p * (2 * dh + 2 * do), bn * h * p,
             bn * c * s + bn * d * s + 2 * nh + k_bytes + y_bytes + b * h * ck["n_splits"] * p * (dh + do) * f,
             2 * b * h * kp_pad * kn_pad * (2 * dh + 2 * do), b * h * kp_pad * kn_pad,
             note=f"{ck['n_splits']} n-chunks of partials"))
 
-    ebm = experts_bwd_meta(sz.s, dh, r, do)
-    ebprog = -(-sz.s // ebm["BLOCK_S"]) * e * b
-    eb_pair = 2 * ebm["BLOCK_S"] * (ebm["BLOCK_DH"] * ebm["BLOCK_R"] + ebm["BLOCK_R"] * ebm["BLOCK_DO"])
-    eparts = ebprog * (h * dh * r + h * r + h * r * do + 2 * d) * f
+    ns_e = -(-sz.s // em["BLOCK_S"])
+    eparts = b * ns_e * (e * h * (dh * r + r + r * do) + 2 * e * d) * f  # dA, da, dBw, dg, dc partials
     out.append(KernelCost(
         "experts bwd", "bwd", "triton", acc_dot, 2 * b * p * h * 2 * (dh * r + r * do), 0,
-        z_bytes + lora_bytes + b * p * f + y_bytes + z_bytes + eparts, ebprog * h * (2 * e_pair + 2 * eb_pair), 0,
-        note="minimum: the four backward products; the kernel also recomputes v twice"))
+        z_bytes + lora_bytes + 3 * y_bytes + b * p * f + y_bytes + z_bytes + eparts,
+        eprog * (2 * e_tile + 2 * em["BLOCK_S"] * e_dh * e_r), 0,
+        note="the four backward products and u recomputed; dv written and read back"))
 
-    dq_meta = dispatch_dq_meta(n, p, dh, dtype)
+    dq_meta = dispatch_dq_meta(p, dh, dtype)
     qp_pad, qn_pad = _pad(p, dq_meta["BLOCK_P"]), _pad(n, dq_meta["BLOCK_N"])
     out.append(KernelCost(
         "dispatch bwd dq", "bwd", "triton", dot, 8 * bn * h * p * dh, bn * h * p,
@@ -247,7 +255,7 @@ def mammoth_kernels(n: int, dtype: torch.dtype, keep_slots: bool, sz: Sizes = RE
         out.append(KernelCost("autograd dq add", "bwd", "torch", "none", 0, 0, 3 * bn * c * s, 0, 0,
                               note="dq of dispatch + dq of combine, summed by autograd"))
 
-    nbm = query_norm_bwd_meta(c)
+    nbm = query_rows_meta(c, dtype)
     ngrid = -(-bn // nbm["BLOCK_M"])
     out.append(KernelCost("query norm bwd", "bwd", "triton", "none", 0, 0,
                           bn * c * s * 2 + 2 * bn * f + c * pf + bn * c * s + ngrid * c * f, 0, 0,
@@ -375,10 +383,10 @@ def document(n: int = 100_000, sz: Sizes = RECOMMENDED, m: Machine = H100) -> st
     disp = kb["dispatch fwd partial"]
     dt = disp.times(m)
     q = kbt["query fwd (+y)"]
-    dm = dispatch_meta(n, sz.p, sz.dh, sz.b * sz.h, bf, m.sm_count)
-    dqm = dispatch_dq_meta(n, sz.p, sz.dh, bf)
-    assert dqm["BLOCK_P"] == combine_meta(n, sz.p, sz.dh, sz.do, bf)["BLOCK_P"] == \
-        combine_dq_meta(n, sz.p, sz.dh, sz.do, bf)["BLOCK_P"]
+    dm = dispatch_meta(sz.p, sz.dh, bf)
+    dqm = dispatch_dq_meta(sz.p, sz.dh, bf)
+    assert dqm["BLOCK_P"] == combine_meta(sz.p, sz.dh, sz.do, bf)["BLOCK_P"] == \
+        combine_dq_meta(sz.p, sz.dh, sz.do, bf)["BLOCK_P"]
     exp_kernels = [k for k in kb.values() if k.exps and k.bound(m) == "exp"]
     exp_share_t = sum(k.floor(m) for k in kbt.values() if k.exps and k.bound(m) == "exp") / tb_t["mammoth_train"]
     exp_share_f = sum(k.floor(m) for k in exp_kernels) / tb_f["mammoth_train"]

@@ -1,21 +1,29 @@
-"""Launch helpers shared by the kernels: device checks, dot precision, block sizes,
-the SM count for split grids, and how launches are registered for torch.compile.
+"""Launch helpers shared by the kernel launchers: device checks and guards, dot
+precision, tile sizes, grids sized in whole waves, and how a launch is issued
+(directly in eager mode, through ``torch.library.wrap_triton`` when torch traces).
 
-Every launcher picks its block sizes with a ``*_meta`` function of this
-package; ``mammoth_fast.compile_check`` compiles the kernels for sm_90a with
-the very same functions, so what is checked is what runs.
+Every launcher picks its tile sizes with a ``*_meta`` function of its module;
+``mammoth_fast.compile_check`` compiles the kernels for sm_90a with the very
+same functions, so what is checked is what runs.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-# Tensor-core dots need every dim >= 16.
 MIN_DOT = 16
+"""Tensor-core dots need every dim >= 16."""
+
+FP64_MAX_K = 16
+"""fp64 dots (gradcheck only) keep every dim <= 16: triton 3.6 cannot lower an
+fp64 MMA whose K exceeds 16 ("fp64 don't support largeK MMA"), so fp64 tiles are
+16 wide and wider head dims are looped over in 16-wide chunks."""
 
 
 def interpreting() -> bool:
@@ -31,12 +39,24 @@ functions that cannot be traced, and the launchers are opaque
 ``torch.library.custom_op`` ops instead (``kernels/_ops.py``)."""
 
 
-def traceable(kernel):
-    """``kernel`` as its launcher calls it: through ``torch.library.wrap_triton``
-    when the launchers are triton_ops, so that tracing records the launch."""
-    return torch.library.wrap_triton(kernel) if TRITON_OP else kernel
+def tracing() -> bool:
+    """Whether torch is tracing this call (torch.compile / export, or make_fx and
+    FakeTensorMode, which run under a dispatch mode) rather than running it."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 
 
+def launch(kernel, grid, **args) -> None:
+    """``kernel[grid](**args)``; while torch traces, through ``wrap_triton`` so that
+    the trace records the launch (triton_op launchers)."""
+    if TRITON_OP and tracing():
+        torch.library.wrap_triton(kernel)[grid](**args)
+    else:
+        kernel[grid](**args)
+
+
+# ------------------------------------------------------------------ devices
 def check_device(*tensors: torch.Tensor) -> None:
     """Kernels run on CUDA tensors, or on CPU tensors under the interpreter, all
     on one device."""
@@ -73,6 +93,11 @@ def on_device(launcher):
     return run
 
 
+@functools.lru_cache(maxsize=None)
+def _device_props(device: torch.device):
+    return torch.cuda.get_device_properties(device)
+
+
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of ``device``, for sizing the split-n grids; 4
     under the interpreter (a few chunks, so that the merges are exercised)."""
@@ -81,12 +106,7 @@ def sm_count(device: torch.device) -> int:
     return 4
 
 
-def block(size: int, minimum: int = MIN_DOT, maximum: int | None = None) -> int:
-    """The power-of-two block covering ``size`` (masked beyond it), within bounds."""
-    b = max(minimum, triton.next_power_of_2(size))
-    return b if maximum is None else min(b, maximum)
-
-
+# --------------------------------------------------------- dtypes, precision
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulators and softmax statistics: fp32, or fp64 for fp64 inputs (gradcheck)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -128,3 +148,173 @@ def input_precision() -> str:
 
 
 TORCH_TO_TL = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def mask_arg(mask: torch.Tensor) -> torch.Tensor:
+    """A (B, N) bool mask as the kernels read it: the bool tensor itself (a
+    pointer to i1, loaded as Inductor does), viewed as uint8 under the
+    interpreter, which cannot load through bool pointers. No view on GPU: under
+    torch.compile Inductor cannot lower a bool -> uint8 view of a graph input."""
+    mask = mask.contiguous()
+    return mask.view(torch.uint8) if interpreting() else mask
+
+
+def dot_consts(dtype: torch.dtype) -> dict:
+    """The dtype constexprs of a kernel whose dots take inputs of ``dtype``."""
+    return dict(DOT_DTYPE=dot_dtype(dtype), INPUT_PRECISION=input_precision(), ACC=TORCH_TO_TL[acc_dtype(dtype)])
+
+
+# ---------------------------------------------------------------- tile sizes
+def block(size: int, minimum: int = MIN_DOT, maximum: int | None = None) -> int:
+    """The power-of-two block covering ``size`` (masked beyond it), within bounds."""
+    b = max(minimum, triton.next_power_of_2(size))
+    return b if maximum is None else max(minimum, min(b, maximum))
+
+
+def cap(dtype: torch.dtype, half: int, fp32: int) -> int:
+    """A tile dim's upper bound for inputs of ``dtype``: ``half`` for 16-bit,
+    ``fp32`` for fp32, FP64_MAX_K for fp64."""
+    if dtype == torch.float64:
+        return FP64_MAX_K
+    return half if dtype.itemsize <= 2 else fp32
+
+
+# ------------------------------------------------------------------- waves
+FIXED_CHUNK_TILES = 32
+"""n-tiles per chunk of the split-n grids in the fixed chunking mode."""
+
+_CHUNKING = {"fixed": os.environ.get("MAMMOTH_FAST_FIXED_CHUNKS", "0") not in ("", "0")}
+
+
+@contextlib.contextmanager
+def fixed_chunks(enabled: bool = True):
+    """Within this block (or everywhere, with the environment variable
+    MAMMOTH_FAST_FIXED_CHUNKS=1), the split-n kernels (dispatch forward and dK,
+    combine dK/dY) cut a bag into chunks of FIXED_CHUNK_TILES n-tiles whatever
+    the GPU, instead of sizing the chunks to the GPU's SM count and the
+    kernel's occupancy. Their sums over the chunks then run in the same order
+    on every GPU, so results are bitwise reproducible across GPU models that
+    run the same compiled kernels (same architecture, Triton and torch
+    versions), at the cost of more partials to merge. By default results are
+    bitwise reproducible for a fixed GPU model, batch shape and dtype. Read
+    when a kernel is launched (or traced by torch.compile)."""
+    old = _CHUNKING["fixed"]
+    _CHUNKING["fixed"] = enabled
+    try:
+        yield
+    finally:
+        _CHUNKING["fixed"] = old
+
+
+def chunking_is_fixed() -> bool:
+    return _CHUNKING["fixed"]
+
+
+def _occupancy(n_regs: int, shared: int, num_warps: int, props) -> int:
+    """Programs of one kernel resident on one SM (CUDA occupancy rules:
+    registers allocated per warp in units of 256, shared memory with 1 KiB
+    reserved per block, at most 32 blocks and 2048 threads)."""
+    regs = getattr(props, "regs_per_multiprocessor", 65536)
+    threads = getattr(props, "max_threads_per_multi_processor", 2048)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    warp_regs = -(-max(n_regs, 1) * 32 // 256) * 256
+    fits = [regs // (warp_regs * num_warps), threads // (32 * num_warps), 32]
+    if shared:
+        fits.append(smem // (shared + 1024))
+    return max(1, min(fits))
+
+
+def _arg_key(value):
+    if isinstance(value, torch.Tensor):
+        return str(value.dtype)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return value if not isinstance(value, float) else "fp32"
+    return (value == 1, value % 16 == 0)  # how Triton specializes an int
+
+
+def candidates(meta: dict, shrink: tuple = ()) -> list:
+    """``meta`` (tile sizes and launch options), then variants of it that hold
+    fewer registers per thread, in order: the other warp count (4 <-> 8), then
+    the ``shrink`` tile dims halved one after another down to MIN_DOT, each with
+    either warp count, then unpipelined. ``choose`` launches the first that
+    compiles without spilling; ptxas's register allocation moves with the size,
+    the flags and its version, so a fixed table cannot promise that."""
+    other = {4: 8, 8: 4}
+    out = [meta, {**meta, "num_warps": other[meta["num_warps"]]}]
+    cur = meta
+    for key in shrink:
+        while cur[key] > MIN_DOT:
+            cur = {**cur, key: cur[key] // 2}
+            out += [cur, {**cur, "num_warps": other[cur["num_warps"]]}]
+    out += [{**m, "num_stages": 1} for m in out if m.get("num_stages", 1) > 1]
+    unique = []
+    for m in out:
+        if m not in unique:
+            unique.append(m)
+    return unique
+
+
+_CHOSEN: dict = {}
+
+
+def choose(kernel, device: torch.device, args: dict, metas: list) -> tuple:
+    """(meta, resident): the first of ``metas`` whose compiled ``kernel`` (with
+    ``args``, its other arguments) spills no register, and how many of its
+    programs the GPU runs at once (its occupancy, from the compiled kernel's
+    registers, shared memory and warps, times the SM count). Where every
+    candidate spills, the one that spills least. Compiles as the launch would
+    (the launch then finds the kernel compiled), once per kernel variant and
+    device. Without a real GPU (the interpreter, or tracing on fake CUDA
+    tensors): the first candidate, and one program per SM."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        sms = sm_count(device) if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
+        return metas[0], sms
+    key = (kernel, device.index, tuple((k, _arg_key(v)) for k, v in args.items()),
+           tuple(tuple(sorted(m.items())) for m in metas))
+    found = _CHOSEN.get(key)
+    if found is None:
+        from triton.runtime.jit import MockTensor
+
+        mock = {k: MockTensor(v.dtype) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        props = _device_props(device)
+        best = None
+        with torch.cuda.device(device):
+            for meta in metas:
+                compiled = kernel.warmup(grid=(1,), **mock, **meta)
+                compiled._init_handles()
+                if best is None or compiled.n_spills < best[1].n_spills:
+                    best = (meta, compiled)
+                if compiled.n_spills == 0:
+                    break
+        meta, compiled = best
+        per_sm = _occupancy(compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps, props)
+        found = _CHOSEN[key] = (meta, per_sm * props.multi_processor_count)
+    return found
+
+
+def split_n(n: int, block_n: int, programs: int, resident: int, min_tiles: int = 4) -> tuple:
+    """(n_splits, n_per_split): how a bag of ``n`` patches is cut into chunks of
+    whole ``block_n`` tiles for a grid of ``programs`` programs per chunk, when
+    ``resident`` programs run at once.
+
+    The time of the split kernel goes as its waves times the tiles each program
+    streams, plus a fixed cost per program (loads of its keys, its partials):
+    ``ceil(programs * s / resident) * (ceil(tiles / s) + 2)``. The chunk count s
+    minimizing it, at least ``min_tiles`` tiles a chunk, fills whole waves
+    (e.g. 528 programs on 396 resident slots would run a second wave a third
+    full; s is chosen so that they do not). In the fixed chunking mode
+    (``fixed_chunks``) chunks are FIXED_CHUNK_TILES tiles whatever the GPU."""
+    return _split_n(n, block_n, programs, resident, min_tiles, chunking_is_fixed())
+
+
+@functools.lru_cache(maxsize=4096)
+def _split_n(n: int, block_n: int, programs: int, resident: int, min_tiles: int, fixed: bool) -> tuple:
+    tiles = -(-n // block_n)
+    if fixed:
+        per = min(tiles, FIXED_CHUNK_TILES)
+    else:
+        most = max(1, tiles // min_tiles)
+        candidates = {1, most} | {min(most, max(1, k * resident // programs)) for k in range(1, 33)}
+        best = min(candidates, key=lambda s: (math.ceil(programs * s / resident) * (math.ceil(tiles / s) + 2), s))
+        per = -(-tiles // best)
+    return -(-tiles // per), per * block_n

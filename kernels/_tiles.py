@@ -1,4 +1,4 @@
-"""Tile loads shared by the dispatch and combine kernels."""
+"""Tile loads and dots shared by the dispatch and combine kernels."""
 from __future__ import annotations
 
 import triton
@@ -11,3 +11,39 @@ def load_tile(base, offs_r, stride_r, offs_c, r_ok, c_ok):
     row offsets in int64 (N * C reaches past 2**31 for large batches)."""
     return tl.load(base + offs_r[:, None].to(tl.int64) * stride_r + offs_c[None, :],
                    mask=r_ok[:, None] & c_ok[None, :], other=0.0)
+
+
+@triton.jit
+def mm(a, b, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """a @ b in ACC (``mma`` without an accumulator)."""
+    if ACC == tl.float64:
+        return tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
+    return tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=ACC)
+
+
+@triton.jit
+def mma(a, b, acc, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """acc + a @ b in ACC. In fp64 (the gradient checks' dtype) a broadcast
+    product summed over K on the FMA units: triton 3.6 cannot lower the fp64
+    MMAs of the masked dispatch and combine kernels ("fp64 don't support
+    largeK MMA"), and fp64 tiles are 16 wide, so the product stays small."""
+    if ACC == tl.float64:
+        return acc + tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC)
+
+
+@triton.jit
+def dot_rows(A, stride_a, offs_a, a_ok, B, stride_b, offs_b, b_ok,
+             K: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+             ACC: tl.constexpr):
+    """(len(offs_a), len(offs_b)) products of rows: sum over k < K of
+    A[a, k] * B[b, k], streamed over k in BLOCK_K chunks, for the head widths
+    too wide for one tile (the routing logits, and the dO . Y products)."""
+    out = tl.zeros([offs_a.shape[0], offs_b.shape[0]], ACC)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        a = load_tile(A, offs_a, stride_a, offs_k, a_ok, k_ok).to(DOT_DTYPE)
+        b = load_tile(B, offs_b, stride_b, offs_k, b_ok, k_ok).to(DOT_DTYPE)
+        out = mma(a, tl.trans(b), out, INPUT_PRECISION, ACC)
+    return out

@@ -20,17 +20,22 @@ tile from q, K and the LSE:
 The dq kernel also computes delta_c from the saved output and stores it
 (N * H values) for the dK/dY kernel, which runs after it. Padded patches'
 dO counts as 0: their output is the constant 0.
+
+Head widths: outputs are written in slices (out and dY in BLOCK_DO-wide slices
+of do, dq and dK in BLOCK_DH-wide slices of dh), one program each; where dh
+or do is wider than one tile, the products over it (the logits q . K, and
+dO . Y) are streamed in chunks (``dot_rows``) and recomputed per slice.
 """
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision, on_device, sm_count, traceable
+from ._launch import (acc_dtype, block, candidates, cap, check_device, choose, dot_consts, launch, mask_arg,
+                      on_device, split_n)
 from ._slot_dropout import kernel_p_drop, load_seed, seed_tensor, slot_keep_np, slot_keep_pn
-from ._tiles import load_tile
+from ._tiles import dot_rows, load_tile, mm, mma
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -68,23 +73,28 @@ def _combine_fwd_kernel(
     Q, K, Y, MASK, OUT, LSE,
     N, P, H, SEED, p_drop,
     stride_qb, stride_qn, stride_ob, stride_on,
-    HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, DH: tl.constexpr, DO: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, DH: tl.constexpr, DO: tl.constexpr, NUM_VO: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_DO: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
+    """A do-slice of out for BLOCK_N patches of one head of one bag, all P slots streamed."""
     seed = load_seed(SEED, HAS_DROP)
-    pid_n = tl.program_id(0)
+    pid_n = tl.program_id(0) // NUM_VO
+    pid_v = tl.program_id(0) % NUM_VO
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     D = H * DO
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_dh = tl.arange(0, BLOCK_DH)
-    offs_do = tl.arange(0, BLOCK_DO)
+    offs_vo = pid_v * BLOCK_DO + tl.arange(0, BLOCK_DO)  # this program's slice of do
     n_ok = offs_n < N
     dh_ok = offs_dh < DH
-    do_ok = offs_do < DO
-    q = load_tile(Q + b * stride_qb + h * DH, offs_n, stride_qn, offs_dh, n_ok, dh_ok).to(DOT_DTYPE)
+    vo_ok = offs_vo < DO
+    q_base = Q + b * stride_qb + h * DH
+    k_base = K + h * P * DH
+    if DH <= BLOCK_DH:
+        q = load_tile(q_base, offs_n, stride_qn, offs_dh, n_ok, dh_ok).to(DOT_DTYPE)
 
     m_i = tl.full([BLOCK_N], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_N], ACC)
@@ -92,8 +102,12 @@ def _combine_fwd_kernel(
     for p0 in range(0, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         p_ok = offs_p < P
-        k = load_tile(K + h * P * DH, offs_p, DH, offs_dh, p_ok, dh_ok).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_DH)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_P)
+        if DH <= BLOCK_DH:
+            k = load_tile(k_base, offs_p, DH, offs_dh, p_ok, dh_ok).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_DH)
+            s = mm(q, tl.trans(k), INPUT_PRECISION, ACC)  # (BLOCK_N, BLOCK_P)
+        else:
+            s = dot_rows(q_base, stride_qn, offs_n, n_ok, k_base, DH, offs_p, p_ok, DH, BLOCK_DH,
+                         DOT_DTYPE, INPUT_PRECISION, ACC)
         ok = _slot_ok(seed, p_drop, b, offs_n, h, p0, N, H, P, HAS_DROP, BLOCK_P, False)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -101,8 +115,8 @@ def _combine_fwd_kernel(
         alpha = tl.exp2((m_i - m_ref) * LOG2E)
         w = tl.exp2((s - m_ref[:, None]) * LOG2E)
         l_i = l_i * alpha + tl.sum(w, axis=1)
-        y = load_tile(Y + b * P * D + h * DO, offs_p, D, offs_do, p_ok, do_ok).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_DO)
-        acc = acc * alpha[:, None] + tl.dot(w.to(DOT_DTYPE), y, input_precision=INPUT_PRECISION)
+        y = load_tile(Y + b * P * D + h * DO, offs_p, D, offs_vo, p_ok, vo_ok).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_DO)
+        acc = mma(w.to(DOT_DTYPE), y, acc * alpha[:, None], INPUT_PRECISION, ACC)
         m_i = m_new
 
     reached = l_i > 0  # False only for a patch whose every slot is dropped
@@ -110,9 +124,10 @@ def _combine_fwd_kernel(
     lse = tl.where(reached, m_i + tl.log(tl.where(reached, l_i, 1.0)), float("inf"))
     if HAS_MASK:
         out = tl.where(_row_keep(MASK, b, offs_n, N, N, HAS_MASK)[:, None], out, 0.0)
-    tl.store(OUT + b * stride_ob + offs_n[:, None].to(tl.int64) * stride_on + h * DO + offs_do[None, :],
-             out.to(OUT.dtype.element_ty), mask=n_ok[:, None] & do_ok[None, :])
-    tl.store(LSE + (b * N + offs_n) * H + h, lse, mask=n_ok)
+    tl.store(OUT + b * stride_ob + offs_n[:, None].to(tl.int64) * stride_on + h * DO + offs_vo[None, :],
+             out.to(OUT.dtype.element_ty), mask=n_ok[:, None] & vo_ok[None, :])
+    if pid_v == 0:  # the same for every slice: the first stores it
+        tl.store(LSE + (b * N + offs_n) * H + h, lse, mask=n_ok)
 
 
 @triton.jit
@@ -121,47 +136,65 @@ def _combine_bwd_dq_kernel(
     N, P, H, SEED, p_drop,
     stride_qb, stride_qn, stride_dqb, stride_dqn,
     HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, NEED_DQ: tl.constexpr, DH: tl.constexpr, DO: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_DO: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    NUM_VH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DH: tl.constexpr,
+    BLOCK_DO: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """BLOCK_N patches of one head of one bag: delta_c = dO . out (stored), and
-    with NEED_DQ, dq = sum_p Cw (dO . Y[p] - delta_c) K[p] over all P slots."""
+    with NEED_DQ, a dh-slice of dq = sum_p Cw (dO . Y[p] - delta_c) K[p] over all P slots."""
     seed = load_seed(SEED, HAS_DROP)
-    pid_n = tl.program_id(0)
+    pid_n = tl.program_id(0) // NUM_VH
+    pid_v = tl.program_id(0) % NUM_VH
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     D = H * DO
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_dh = tl.arange(0, BLOCK_DH)
+    offs_vh = pid_v * BLOCK_DH + tl.arange(0, BLOCK_DH)  # this program's slice of dh
     offs_do = tl.arange(0, BLOCK_DO)
     n_ok = offs_n < N
     dh_ok = offs_dh < DH
+    vh_ok = offs_vh < DH
     do_ok = offs_do < DO
     # dO of padded patches counts as 0: their output is the constant 0
     keep = _row_keep(MASK, b, offs_n, N, N, HAS_MASK)
-    ndo_ok = keep[:, None] & do_ok[None, :]
-    o_offs = (b * N + offs_n[:, None].to(tl.int64)) * D + h * DO + offs_do[None, :]  # out, dO contiguous (B, N, D)
-    do = tl.load(DOUT + o_offs, mask=ndo_ok, other=0.0).to(ACC)  # (BLOCK_N, BLOCK_DO)
-    delta = tl.sum(do * tl.load(OUT + o_offs, mask=ndo_ok, other=0.0).to(ACC), axis=1)  # (BLOCK_N,)
-    tl.store(DELTA + (b * N + offs_n) * H + h, delta, mask=n_ok)
+    o_base = b * N * D + h * DO  # out and dO: contiguous (B, N, D)
+    delta = tl.zeros([BLOCK_N], ACC)
+    for d0 in range(0, DO, BLOCK_DO):
+        do_c = load_tile(DOUT + o_base + d0, offs_n, D, offs_do, keep, d0 + offs_do < DO).to(ACC)
+        delta += tl.sum(do_c * load_tile(OUT + o_base + d0, offs_n, D, offs_do, keep, d0 + offs_do < DO).to(ACC), 1)
+    if pid_v == 0:
+        tl.store(DELTA + (b * N + offs_n) * H + h, delta, mask=n_ok)
     if NEED_DQ:
-        q = load_tile(Q + b * stride_qb + h * DH, offs_n, stride_qn, offs_dh, n_ok, dh_ok).to(DOT_DTYPE)
+        q_base = Q + b * stride_qb + h * DH
+        k_base = K + h * P * DH
+        y_base = Y + b * P * D + h * DO
+        if DH <= BLOCK_DH:
+            q = load_tile(q_base, offs_n, stride_qn, offs_dh, n_ok, dh_ok).to(DOT_DTYPE)
+        if DO <= BLOCK_DO:
+            do = load_tile(DOUT + o_base, offs_n, D, offs_do, keep, do_ok).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_DO)
         lse = tl.load(LSE + (b * N + offs_n) * H + h, mask=n_ok, other=float("inf"))  # (BLOCK_N,)
-        do = do.to(DOT_DTYPE)
         dq = tl.zeros([BLOCK_N, BLOCK_DH], ACC)
         for p0 in range(0, P, BLOCK_P):
             offs_p = p0 + tl.arange(0, BLOCK_P)
             p_ok = offs_p < P
-            k = load_tile(K + h * P * DH, offs_p, DH, offs_dh, p_ok, dh_ok).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_DH)
-            y = load_tile(Y + b * P * D + h * DO, offs_p, D, offs_do, p_ok, do_ok).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_DO)
-            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_P)
+            kv = load_tile(k_base, offs_p, DH, offs_vh, p_ok, vh_ok).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_DH)
+            if DH <= BLOCK_DH:
+                s = mm(q, tl.trans(kv), INPUT_PRECISION, ACC)  # (BLOCK_N, BLOCK_P)
+            else:
+                s = dot_rows(q_base, stride_qn, offs_n, n_ok, k_base, DH, offs_p, p_ok, DH, BLOCK_DH,
+                             DOT_DTYPE, INPUT_PRECISION, ACC)
+            if DO <= BLOCK_DO:
+                y = load_tile(y_base, offs_p, D, offs_do, p_ok, do_ok).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_DO)
+                dcw = mm(do, tl.trans(y), INPUT_PRECISION, ACC)  # (BLOCK_N, BLOCK_P)
+            else:
+                dcw = dot_rows(DOUT + o_base, D, offs_n, keep, y_base, D, offs_p, p_ok, DO, BLOCK_DO,
+                               DOT_DTYPE, INPUT_PRECISION, ACC)
             ok = _slot_ok(seed, p_drop, b, offs_n, h, p0, N, H, P, HAS_DROP, BLOCK_P, False)
             w = tl.where(ok, tl.exp2((s - lse[:, None]) * LOG2E), 0.0)  # Cw
-            dcw = tl.dot(do, tl.trans(y), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_P)
             dl = w * (dcw - delta[:, None])
-            dq += tl.dot(dl.to(DOT_DTYPE), k, input_precision=INPUT_PRECISION)
-        tl.store(DQ + b * stride_dqb + offs_n[:, None].to(tl.int64) * stride_dqn + h * DH + offs_dh[None, :],
-                 dq.to(DQ.dtype.element_ty), mask=n_ok[:, None] & dh_ok[None, :])
+            dq = mma(dl.to(DOT_DTYPE), kv, dq, INPUT_PRECISION, ACC)
+        tl.store(DQ + b * stride_dqb + offs_n[:, None].to(tl.int64) * stride_dqn + h * DH + offs_vh[None, :],
+                 dq.to(DQ.dtype.element_ty), mask=n_ok[:, None] & vh_ok[None, :])
 
 
 @triton.jit
@@ -170,14 +203,16 @@ def _combine_bwd_dkdy_kernel(
     N, P, H, n_per_split, SEED, p_drop,
     stride_qb, stride_qn,
     HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, NEED_DK: tl.constexpr, NEED_DY: tl.constexpr,
-    DH: tl.constexpr, DO: tl.constexpr,
+    DH: tl.constexpr, DO: tl.constexpr, NUM_V: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_DO: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
-    """One (p-block, b*h, n-chunk): partial dK[p] = sum_n dL_c q[n] and
-    dY[p] = sum_n Cw dO[n] over the chunk's patches."""
+    """One (p-block x slice v, b*h, n-chunk): partial dK[p] = sum_n dL_c q[n] in
+    the v-th dh-slice and dY[p] = sum_n Cw dO[n] in the v-th do-slice (a slice
+    past the end of its width stores nothing), over the chunk's patches."""
     seed = load_seed(SEED, HAS_DROP)
-    pid_p = tl.program_id(0)
+    pid_p = tl.program_id(0) // NUM_V
+    pid_v = tl.program_id(0) % NUM_V
     pid_bh = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2)
     n_splits = tl.num_programs(2)
@@ -187,12 +222,22 @@ def _combine_bwd_dkdy_kernel(
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_dh = tl.arange(0, BLOCK_DH)
     offs_do = tl.arange(0, BLOCK_DO)
+    offs_vh = pid_v * BLOCK_DH + offs_dh  # this program's slice of dh (for dK) ...
+    offs_vo = pid_v * BLOCK_DO + offs_do  # ... and of do (for dY)
     p_ok = offs_p < P
     dh_ok = offs_dh < DH
     do_ok = offs_do < DO
-    k = load_tile(K + h * P * DH, offs_p, DH, offs_dh, p_ok, dh_ok).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_DH)
+    vh_ok = offs_vh < DH
+    vo_ok = offs_vo < DO
+    q_base = Q + b * stride_qb + h * DH
+    k_base = K + h * P * DH
+    y_base = Y + b * P * D + h * DO
+    do_base = DOUT + b * N * D + h * DO  # dO contiguous (B, N, D)
+    if DH <= BLOCK_DH:
+        k = load_tile(k_base, offs_p, DH, offs_dh, p_ok, dh_ok).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_DH)
     if NEED_DK:
-        y = load_tile(Y + b * P * D + h * DO, offs_p, D, offs_do, p_ok, do_ok).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_DO)
+        if DO <= BLOCK_DO:
+            y = load_tile(y_base, offs_p, D, offs_do, p_ok, do_ok).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_DO)
     dk = tl.zeros([BLOCK_P, BLOCK_DH], ACC)
     dy = tl.zeros([BLOCK_P, BLOCK_DO], ACC)
     n_start = pid_s * n_per_split
@@ -201,64 +246,112 @@ def _combine_bwd_dkdy_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_end
         keep = _row_keep(MASK, b, offs_n, n_end, N, HAS_MASK)
-        q = load_tile(Q + b * stride_qb + h * DH, offs_n, stride_qn, offs_dh, n_ok, dh_ok).to(DOT_DTYPE)
-        do = tl.load(DOUT + (b * N + offs_n[:, None].to(tl.int64)) * D + h * DO + offs_do[None, :],
-                     mask=keep[:, None] & do_ok[None, :], other=0.0).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_DO)
         lse = tl.load(LSE + (b * N + offs_n) * H + h, mask=n_ok, other=float("inf"))  # (BLOCK_N,)
-        s = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # (BLOCK_P, BLOCK_N)
+        if DH <= BLOCK_DH:  # one slice: the whole head
+            qv = load_tile(q_base, offs_n, stride_qn, offs_dh, n_ok, dh_ok).to(DOT_DTYPE)
+            s = mm(k, tl.trans(qv), INPUT_PRECISION, ACC)  # (BLOCK_P, BLOCK_N)
+        else:
+            qv = load_tile(q_base, offs_n, stride_qn, offs_vh, n_ok, vh_ok).to(DOT_DTYPE)
+            s = dot_rows(k_base, DH, offs_p, p_ok, q_base, stride_qn, offs_n, n_ok, DH, BLOCK_DH,
+                         DOT_DTYPE, INPUT_PRECISION, ACC)
         ok = _slot_ok(seed, p_drop, b, offs_n, h, pid_p * BLOCK_P, N, H, P, HAS_DROP, BLOCK_P, True)
         w = tl.where(ok, tl.exp2((s - lse[None, :]) * LOG2E), 0.0)  # Cw^T
+        if DO <= BLOCK_DO:
+            dov = load_tile(do_base, offs_n, D, offs_do, keep, do_ok).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_DO)
+        else:
+            dov = load_tile(do_base, offs_n, D, offs_vo, keep, vo_ok).to(DOT_DTYPE)
         if NEED_DY:
-            dy += tl.dot(w.to(DOT_DTYPE), do, input_precision=INPUT_PRECISION)
+            dy = mma(w.to(DOT_DTYPE), dov, dy, INPUT_PRECISION, ACC)
         if NEED_DK:
             delta = tl.load(DELTA + (b * N + offs_n) * H + h, mask=n_ok, other=0.0)
-            dcw = tl.dot(y, tl.trans(do), input_precision=INPUT_PRECISION)  # (BLOCK_P, BLOCK_N)
+            if DO <= BLOCK_DO:
+                dcw = mm(y, tl.trans(dov), INPUT_PRECISION, ACC)  # (BLOCK_P, BLOCK_N)
+            else:
+                dcw = dot_rows(y_base, D, offs_p, p_ok, do_base, D, offs_n, keep, DO, BLOCK_DO,
+                               DOT_DTYPE, INPUT_PRECISION, ACC)
             dl = w * (dcw - delta[None, :])
-            dk += tl.dot(dl.to(DOT_DTYPE), q, input_precision=INPUT_PRECISION)
+            dk = mma(dl.to(DOT_DTYPE), qv, dk, INPUT_PRECISION, ACC)
     part = (pid_bh * n_splits + pid_s) * P + offs_p  # (B*H, n_splits, P)
     if NEED_DK:
-        tl.store(DK_PART + part[:, None] * DH + offs_dh[None, :], dk, mask=p_ok[:, None] & dh_ok[None, :])
+        tl.store(DK_PART + part[:, None] * DH + offs_vh[None, :], dk, mask=p_ok[:, None] & vh_ok[None, :])
     if NEED_DY:
-        tl.store(DY_PART + part[:, None] * DO + offs_do[None, :], dy, mask=p_ok[:, None] & do_ok[None, :])
+        tl.store(DY_PART + part[:, None] * DO + offs_vo[None, :], dy, mask=p_ok[:, None] & vo_ok[None, :])
 
 
-def combine_meta(n: int, p: int, dh: int, do: int, dtype: torch.dtype) -> dict:
-    """Forward: BLOCK_N patches a program, the P slots streamed in tiles."""
-    return dict(BLOCK_N=64, BLOCK_P=block(p, maximum=64), BLOCK_DH=block(dh), BLOCK_DO=block(do),
-                num_warps=4, num_stages=2)
+# ------------------------------------------------------------------ tile sizes
+def _head_blocks(dh: int, do: int, dtype: torch.dtype) -> dict:
+    """Slices of dh and do: up to 64 wide for 16-bit inputs, 32 for fp32 (wider
+    FMA tiles spill), 16 for fp64."""
+    block_dh = block(dh, maximum=cap(dtype, 64, 32))
+    block_do = block(do, maximum=cap(dtype, 64, 32))
+    return dict(BLOCK_DH=block_dh, BLOCK_DO=block_do)
 
 
-def combine_dq_meta(n: int, p: int, dh: int, do: int, dtype: torch.dtype) -> dict:
-    """dq: the forward's tiles; fp32 on 8 warps, as its FMA dots on 4 sit at
-    ptxas's 255-register ceiling on sm_90a (one more tile would spill)."""
-    return {**combine_meta(n, p, dh, do, dtype), "num_warps": 4 if dtype.itemsize <= 2 else 8}
+def _wide(dh: int, do: int, heads: dict) -> bool:
+    """Whether dh or do spans several slices (their products streamed in chunks)."""
+    return dh > heads["BLOCK_DH"] or do > heads["BLOCK_DO"]
 
 
-def combine_dkdy_meta(n: int, p: int, dh: int, do: int, bh: int, dtype: torch.dtype, sm_count: int = 132) -> dict:
-    """dK/dY: programs along P and B*H are few (5 * 16 for one bag at the
-    recommended sizes), so n is split until the grid covers the GPU about four
-    times over, keeping at least four n-tiles per chunk (as the dispatch).
-    64 x 64 (BLOCK_P x BLOCK_N) tiles for 16-bit inputs; fp32's IEEE dots are
-    FMA loops on operands in registers, and spill there on sm_90a: 64 x 32
-    tiles on 8 warps, unpipelined."""
-    block_p = block(p, maximum=64)
+def combine_meta(p: int, dh: int, do: int, dtype: torch.dtype) -> dict:
+    """Forward: BLOCK_N patches a program and do-slice, the P slots streamed in
+    tiles; fp32 on 8 warps (its FMA dots spill a few bytes on 4 at some sizes),
+    and on 32-patch tiles where dh or do spans several slices."""
+    heads = _head_blocks(dh, do, dtype)
+    wide = _wide(dh, do, heads)
+    return dict(BLOCK_N=cap(dtype, 64, 32 if wide else 64), BLOCK_P=block(p, maximum=cap(dtype, 64, 64)),
+                NUM_VO=triton.cdiv(do, heads["BLOCK_DO"]), **heads, num_warps=4 if dtype.itemsize <= 2 else 8,
+                num_stages=2)
+
+
+def combine_dq_meta(p: int, dh: int, do: int, dtype: torch.dtype) -> dict:
+    """dq: the forward's tiles, per dh-slice; fp32 on 8 warps, as its FMA dots
+    on 4 sit at ptxas's 255-register ceiling on sm_90a, and where dh or do
+    spans several slices, 16-bit on 8 warps and fp32 on 32 x 32 tiles, unpipelined."""
+    meta = combine_meta(p, dh, do, dtype)
+    del meta["NUM_VO"]
+    wide = _wide(dh, do, meta)
     half = dtype.itemsize <= 2
-    block_n = 64 if half else 32
-    tiles = triton.cdiv(n, block_n)
-    programs = triton.cdiv(p, block_p) * bh
-    n_splits = max(1, min(triton.cdiv(4 * sm_count, programs), triton.cdiv(tiles, 4)))
-    n_per_split = triton.cdiv(tiles, n_splits) * block_n
-    return dict(BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_DH=block(dh), BLOCK_DO=block(do),
-                n_splits=triton.cdiv(n, n_per_split), n_per_split=n_per_split, num_warps=4 if half else 8,
+    return {**meta, "NUM_VH": triton.cdiv(dh, meta["BLOCK_DH"]), "num_warps": 4 if half and not wide else 8,
+            **({"BLOCK_N": 32, "BLOCK_P": block(p, maximum=32), "num_stages": 1}
+               if wide and dtype == torch.float32 else {})}
+
+
+def combine_dkdy_meta(p: int, dh: int, do: int, dtype: torch.dtype) -> dict:
+    """dK/dY partials: 64 x 64 (BLOCK_P x BLOCK_N) tiles for 16-bit inputs;
+    fp32's IEEE dots are FMA loops on operands in registers, and spill there on
+    sm_90a: 64 x 32 tiles on 8 warps, unpipelined. Where dh or do spans several
+    slices, 32-slot tiles on 8 warps. Slice v of a program covers dK's v-th
+    dh-slice and dY's v-th do-slice."""
+    half = dtype.itemsize <= 2
+    heads = _head_blocks(dh, do, dtype)
+    num_v = max(triton.cdiv(dh, heads["BLOCK_DH"]), triton.cdiv(do, heads["BLOCK_DO"]))
+    wide = _wide(dh, do, heads)
+    return dict(BLOCK_P=block(p, maximum=cap(dtype, 32 if wide else 64, 32 if wide else 64)),
+                BLOCK_N=cap(dtype, 64, 32), NUM_V=num_v, **heads, num_warps=4 if half and not wide else 8,
                 num_stages=2 if half else 1)
 
 
-def _common_args(q: torch.Tensor, mask, drop) -> tuple:
+def combine_metas(p: int, dh: int, do: int, dtype: torch.dtype) -> list:
+    """Tile candidates (``_launch.choose`` takes the first that compiles without
+    spills): the meta above, then smaller tiles."""
+    return candidates(combine_meta(p, dh, do, dtype), ("BLOCK_N", "BLOCK_P"))
+
+
+def combine_dq_metas(p: int, dh: int, do: int, dtype: torch.dtype) -> list:
+    return candidates(combine_dq_meta(p, dh, do, dtype), ("BLOCK_N", "BLOCK_P"))
+
+
+def combine_dkdy_metas(p: int, dh: int, do: int, dtype: torch.dtype) -> list:
+    return candidates(combine_dkdy_meta(p, dh, do, dtype), ("BLOCK_P", "BLOCK_N"))
+
+
+# ------------------------------------------------------------------ launchers
+def _common_args(q: torch.Tensor, mask, drop) -> dict:
+    """The mask (bool; an input stands in for an absent one, never a buffer a
+    kernel writes), the slot-dropout (seed, p) and the dtype constexprs."""
     seed, p_drop = (seed_tensor(drop[0], q.device), kernel_p_drop(drop[1])) if drop is not None else (q, 0.0)
-    mask_arg = mask.contiguous().view(torch.uint8) if mask is not None else q
-    consts = dict(HAS_MASK=mask is not None, HAS_DROP=drop is not None, DOT_DTYPE=dot_dtype(q.dtype),
-                  INPUT_PRECISION=input_precision(), ACC=TORCH_TO_TL[acc_dtype(q.dtype)])
-    return mask_arg, seed, p_drop, consts
+    return dict(MASK=mask_arg(mask) if mask is not None else q, SEED=seed, p_drop=p_drop,
+                HAS_MASK=mask is not None, HAS_DROP=drop is not None, **dot_consts(q.dtype))
 
 
 @on_device
@@ -274,15 +367,12 @@ def combine_forward(q: torch.Tensor, k: torch.Tensor, y: torch.Tensor, mask: tor
     d = y.shape[2]
     do = d // h
     assert q.stride(2) == 1 and k.is_contiguous() and y.is_contiguous()
-    meta = combine_meta(n, p, dh, do, q.dtype)
     out = torch.empty(bsz, n, d, device=q.device, dtype=out_dtype)
     lse = torch.empty(bsz, n, h, device=q.device, dtype=acc_dtype(q.dtype))
-    mask_arg, seed, p_drop, consts = _common_args(q, mask, drop)
-    traceable(_combine_fwd_kernel)[(triton.cdiv(n, meta["BLOCK_N"]), h, bsz)](
-        q, k, y, mask_arg, out, lse,
-        n, p, h, seed, p_drop, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        DH=dh, DO=do, **consts, **meta,
-    )
+    args = dict(Q=q, K=k, Y=y, OUT=out, LSE=lse, N=n, P=p, H=h, stride_qb=q.stride(0), stride_qn=q.stride(1),
+                stride_ob=out.stride(0), stride_on=out.stride(1), DH=dh, DO=do, **_common_args(q, mask, drop))
+    meta, _ = choose(_combine_fwd_kernel, q.device, args, combine_metas(p, dh, do, q.dtype))
+    launch(_combine_fwd_kernel, (triton.cdiv(n, meta["BLOCK_N"]) * meta["NUM_VO"], h, bsz), **args, **meta)
     return out, lse
 
 
@@ -296,60 +386,33 @@ def combine_backward(dout, q, k, y, out, lse, mask, drop, need_dq: bool, need_dk
     d = y.shape[2]
     do = d // h
     dout = dout.contiguous()
-    mask_arg, seed, p_drop, consts = _common_args(q, mask, drop)
+    common = dict(Q=q, K=k, Y=y, DOUT=dout, LSE=lse, N=n, P=p, H=h, stride_qb=q.stride(0), stride_qn=q.stride(1),
+                  DH=dh, DO=do, **_common_args(q, mask, drop))
     acc = dict(device=q.device, dtype=acc_dtype(q.dtype))
     dq = dk = dy = None
     delta = torch.empty(bsz, n, h, **acc)  # delta_c: N * H values
     if need_dq or need_dk:
-        meta = combine_dq_meta(n, p, dh, do, q.dtype)
         dq = torch.empty(bsz, n, c, device=q.device, dtype=q.dtype) if need_dq else None
-        dq_arg = dq if need_dq else q
-        traceable(_combine_bwd_dq_kernel)[(triton.cdiv(n, meta["BLOCK_N"]), h, bsz)](
-            q, k, y, mask_arg, out, dout, lse, delta, dq_arg,
-            n, p, h, seed, p_drop, q.stride(0), q.stride(1), dq_arg.stride(0), dq_arg.stride(1),
-            NEED_DQ=need_dq, DH=dh, DO=do, **consts, **meta,
-        )
+        dq_arg = dq if need_dq else q  # q stands in: never written without NEED_DQ
+        args = dict(OUT=out, DELTA=delta, DQ=dq_arg, stride_dqb=dq_arg.stride(0), stride_dqn=dq_arg.stride(1),
+                    NEED_DQ=need_dq, **common)
+        meta, _ = choose(_combine_bwd_dq_kernel, q.device, args, combine_dq_metas(p, dh, do, q.dtype))
+        launch(_combine_bwd_dq_kernel, (triton.cdiv(n, meta["BLOCK_N"]) * meta["NUM_VH"], h, bsz), **args, **meta)
     if need_dk or need_dy:
-        meta = combine_dkdy_meta(n, p, dh, do, bsz * h, q.dtype, sm_count(q.device))
-        n_splits = meta.pop("n_splits")
-        n_per_split = meta.pop("n_per_split")
-        dk_part = torch.empty(bsz, h, n_splits, p, dh, **acc) if need_dk else delta
-        dy_part = torch.empty(bsz, h, n_splits, p, do, **acc) if need_dy else delta
-        traceable(_combine_bwd_dkdy_kernel)[(triton.cdiv(p, meta["BLOCK_P"]), bsz * h, n_splits)](
-            q, k, mask_arg, dout, lse, delta, y, dk_part, dy_part,
-            n, p, h, n_per_split, seed, p_drop, q.stride(0), q.stride(1),
-            NEED_DK=need_dk, NEED_DY=need_dy, DH=dh, DO=do, **consts, **meta,
-        )
+        args = dict(DELTA=delta, NEED_DK=need_dk, NEED_DY=need_dy, **common)
+        meta, resident = choose(_combine_bwd_dkdy_kernel, q.device,
+                                {**args, "DK_PART": delta, "DY_PART": delta, "n_per_split": 64},
+                                combine_dkdy_metas(p, dh, do, q.dtype))
+        blocks = triton.cdiv(p, meta["BLOCK_P"]) * meta["NUM_V"]
+        args.update(meta)
+        n_splits, n_per_split = split_n(n, meta["BLOCK_N"], blocks * bsz * h, resident)
+        # an absent partial: an input stands in, never a buffer a kernel writes
+        dk_part = torch.empty(bsz, h, n_splits, p, dh, **acc) if need_dk else lse
+        dy_part = torch.empty(bsz, h, n_splits, p, do, **acc) if need_dy else lse
+        launch(_combine_bwd_dkdy_kernel, (blocks, bsz * h, n_splits), DK_PART=dk_part, DY_PART=dy_part,
+               n_per_split=n_per_split, **args)
         if need_dk:
             dk = dk_part.sum(dim=(0, 2))  # (H, P, dh)
         if need_dy:
             dy = dy_part.sum(dim=2).permute(0, 2, 1, 3).reshape(bsz, p, d)  # (B, H, P, do) -> (B, P, D)
     return dq, dk, dy
-
-
-class CombineFunction(torch.autograd.Function):
-    """out = combine(q, K, Y) (B, N, D); saves q, K, Y, out and LSE (B, N, H):
-    no N*H*P tensor."""
-
-    @staticmethod
-    def forward(ctx, q, k, y, mask, drop, out_dtype):
-        seed, ctx.p_drop = _ops.drop_args(drop, q)
-        out, lse = _ops.combine_forward(q, k, y, mask, out_dtype, _ops.make_drop(seed, ctx.p_drop))
-        ctx.save_for_backward(q, k, y, out, lse, mask, seed)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout):
-        q, k, y, out, lse, mask, seed = ctx.saved_tensors
-        drop = _ops.make_drop(seed, ctx.p_drop)
-        dq, dk, dy = _ops.combine_backward(dout, q, k, y, out, lse, mask, drop, *ctx.needs_input_grad[:3])
-        return dq, dk, dy, None, None, None
-
-
-def combine(q, k, y, mask=None, drop=None, out_dtype=None):
-    """Differentiable combine: q (B, N, C), K (H, P, dh), Y (B, P, D) -> out (B, N, D)."""
-    return CombineFunction.apply(q, k, y, mask, drop, out_dtype or q.dtype)
-
-
-from . import _ops  # noqa: E402  (the launchers as custom ops; imports this module)

@@ -12,17 +12,28 @@ accumulator acc, and a second kernel merges the chunks with a log-sum-exp
 merge. Nothing of size N x H x P is stored. Saved for backward:
 LSE[b, h, p] = m + log(l) (+inf for a slot that no patch reaches, so that
 recomputed weights are 0 there).
+
+Head widths: a program accumulates a BLOCK_D-wide slice of Z (or dq, dK). When
+dh fits one slice (dh <= BLOCK_D, every recommended size) the logits are one
+dot per tile; a wider head (dh up to C = 1024 at H = 1) is cut into dh /
+BLOCK_D slices, one program each, and each program streams the logits' dh
+products in BLOCK_D chunks (``dot_rows``): the exponentials are recomputed per
+slice, which is cheap exactly where dh is wide (H, and so N * H * P, small).
+
+Backward (SPEC section 8), weights recomputed tile by tile from q, K and LSE:
+dq per patch tile (all P slots streamed), dK per slot tile and n-chunk
+(partials summed by torch, deterministic).
 """
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision, on_device, sm_count, traceable
+from ._launch import (acc_dtype, block, candidates, cap, check_device, choose, dot_consts, dot_dtype, launch,
+                      mask_arg, on_device, split_n)
 from ._slot_dropout import kernel_p_drop, load_seed, seed_tensor, slot_keep_np, slot_keep_pn
-from ._tiles import load_tile
+from ._tiles import dot_rows, load_tile, mm, mma
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -53,13 +64,14 @@ def _dispatch_partial_kernel(
     Q, K, MASK, M_PART, L_PART, ACC_PART,
     N, P, H, n_per_split, SEED, p_drop,
     stride_qb, stride_qn,
-    HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, DH: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, DH: tl.constexpr, NUM_DV: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
-    """One (p-block, b*h, n-chunk): partial (m, l, acc) over n in the chunk."""
+    """One (p-block x dh-slice, b*h, n-chunk): partial (m, l, acc) over the chunk's patches."""
     seed = load_seed(SEED, HAS_DROP)
-    pid_p = tl.program_id(0)
+    pid_p = tl.program_id(0) // NUM_DV
+    pid_v = tl.program_id(0) % NUM_DV
     pid_bh = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2)
     n_splits = tl.num_programs(2)
@@ -67,23 +79,28 @@ def _dispatch_partial_kernel(
     h = pid_bh % H
 
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_v = pid_v * BLOCK_D + tl.arange(0, BLOCK_D)  # this program's slice of dh
     p_ok = offs_p < P
-    d_ok = offs_d < DH
-    # slot keys of head h: (BLOCK_P, BLOCK_D), laid out (H, P, DH) contiguous
-    k = load_tile(K + h * P * DH, offs_p, DH, offs_d, p_ok, d_ok).to(DOT_DTYPE)
+    v_ok = offs_v < DH
+    k_base = K + h * P * DH  # K (H, P, DH) contiguous
+    q_base = Q + b * stride_qb + h * DH
+    if DH <= BLOCK_D:
+        k = load_tile(k_base, offs_p, DH, offs_v, p_ok, v_ok).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_D)
 
     m_i = tl.full([BLOCK_P], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_P], ACC)
     acc = tl.zeros([BLOCK_P, BLOCK_D], ACC)
-
     n_start = pid_s * n_per_split
     n_end = tl.minimum(n_start + n_per_split, N)
-    q_base = Q + b * stride_qb + h * DH
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        q = load_tile(q_base, offs_n, stride_qn, offs_d, offs_n < n_end, d_ok).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_D)
-        s = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # (BLOCK_P, BLOCK_N)
+        n_ok = offs_n < n_end
+        qv = load_tile(q_base, offs_n, stride_qn, offs_v, n_ok, v_ok).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_D)
+        if DH <= BLOCK_D:
+            s = mm(k, tl.trans(qv), INPUT_PRECISION, ACC)  # (BLOCK_P, BLOCK_N)
+        else:
+            s = dot_rows(k_base, DH, offs_p, p_ok, q_base, stride_qn, offs_n, n_ok, DH, BLOCK_D,
+                         DOT_DTYPE, INPUT_PRECISION, ACC)
         ok = _patch_ok(MASK, seed, p_drop, b, offs_n, h, pid_p * BLOCK_P, n_end, N, H, P,
                        HAS_MASK, HAS_DROP, BLOCK_P, True)
         s = tl.where(ok, s, float("-inf"))
@@ -92,28 +109,31 @@ def _dispatch_partial_kernel(
         alpha = tl.exp2((m_i - m_ref) * LOG2E)
         w = tl.exp2((s - m_ref[:, None]) * LOG2E)
         l_i = l_i * alpha + tl.sum(w, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(w.to(DOT_DTYPE), q, input_precision=INPUT_PRECISION)
+        acc = mma(w.to(DOT_DTYPE), qv, acc * alpha[:, None], INPUT_PRECISION, ACC)
         m_i = m_new
 
     part = (pid_bh * n_splits + pid_s) * P + offs_p  # (B*H, n_splits, P)
-    tl.store(M_PART + part, m_i, mask=p_ok)
-    tl.store(L_PART + part, l_i, mask=p_ok)
-    tl.store(ACC_PART + part[:, None] * DH + offs_d[None, :], acc, mask=p_ok[:, None] & d_ok[None, :])
+    if pid_v == 0:  # m and l are the same for every slice: the first stores them
+        tl.store(M_PART + part, m_i, mask=p_ok)
+        tl.store(L_PART + part, l_i, mask=p_ok)
+    tl.store(ACC_PART + part[:, None] * DH + offs_v[None, :], acc, mask=p_ok[:, None] & v_ok[None, :])
 
 
 @triton.jit
 def _dispatch_merge_kernel(
     M_PART, L_PART, ACC_PART, Z, LSE,
     P, n_splits,
-    DH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    DH: tl.constexpr, NUM_DV: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Log-sum-exp merge of the n-chunks: Z = acc / l and LSE = m + log(l)."""
-    pid_p = tl.program_id(0)
+    """Log-sum-exp merge of the n-chunks for one (p-block x dh-slice, b*h):
+    Z = acc / l and LSE = m + log(l)."""
+    pid_p = tl.program_id(0) // NUM_DV
+    pid_v = tl.program_id(0) % NUM_DV
     pid_bh = tl.program_id(1).to(tl.int64)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_v = pid_v * BLOCK_D + tl.arange(0, BLOCK_D)
     p_ok = offs_p < P
-    pd_ok = p_ok[:, None] & (offs_d[None, :] < DH)
+    pv_ok = p_ok[:, None] & (offs_v[None, :] < DH)
 
     m = tl.full([BLOCK_P], float("-inf"), ACC)
     for s in range(n_splits):
@@ -125,14 +145,15 @@ def _dispatch_merge_kernel(
         part = (pid_bh * n_splits + s) * P + offs_p
         scale = tl.exp2((tl.load(M_PART + part, mask=p_ok, other=float("-inf")) - m_ref) * LOG2E)
         l += tl.load(L_PART + part, mask=p_ok, other=0.0) * scale
-        acc += tl.load(ACC_PART + part[:, None] * DH + offs_d[None, :], mask=pd_ok, other=0.0) * scale[:, None]
+        acc += tl.load(ACC_PART + part[:, None] * DH + offs_v[None, :], mask=pv_ok, other=0.0) * scale[:, None]
 
     reached = l > 0
     z = acc / tl.where(reached, l, 1.0)[:, None]
     lse = tl.where(reached, m_ref + tl.log(tl.where(reached, l, 1.0)), float("inf"))
     out = pid_bh * P + offs_p  # (B*H, P)
-    tl.store(Z + out[:, None] * DH + offs_d[None, :], z, mask=pd_ok)
-    tl.store(LSE + out, lse, mask=p_ok)
+    tl.store(Z + out[:, None] * DH + offs_v[None, :], z, mask=pv_ok)
+    if pid_v == 0:
+        tl.store(LSE + out, lse, mask=p_ok)
 
 
 @triton.jit
@@ -140,40 +161,50 @@ def _dispatch_bwd_dq_kernel(
     Q, K, DZ, LSE, DELTA, MASK, DQ,
     N, P, H, SEED, p_drop,
     stride_qb, stride_qn, stride_dqb, stride_dqn,
-    HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, DH: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, DH: tl.constexpr, NUM_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
-    """dq for BLOCK_N patches of one (b, h), all P slots streamed:
+    """A dh-slice of dq for BLOCK_N patches of one (b, h), all P slots streamed:
     dq = sum_p Dw dZ[p] + sum_p Dw (dZ[p] . q - delta[p]) K[p]."""
     seed = load_seed(SEED, HAS_DROP)
-    pid_n = tl.program_id(0)
+    pid_n = tl.program_id(0) // NUM_DV
+    pid_v = tl.program_id(0) % NUM_DV
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    nd_ok = (offs_n < N)[:, None] & (offs_d < DH)[None, :]
-    q = load_tile(Q + b * stride_qb + h * DH, offs_n, stride_qn, offs_d, offs_n < N, offs_d < DH).to(DOT_DTYPE)
+    offs_v = pid_v * BLOCK_D + tl.arange(0, BLOCK_D)
+    n_ok = offs_n < N
+    v_ok = offs_v < DH
+    q_base = Q + b * stride_qb + h * DH
+    k_base = K + h * P * DH
+    dz_base = DZ + pid_bh * P * DH  # dZ (B*H, P, DH)
+    if DH <= BLOCK_D:
+        q = load_tile(q_base, offs_n, stride_qn, offs_v, n_ok, v_ok).to(DOT_DTYPE)
     dq = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     for p0 in range(0, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         p_ok = offs_p < P
-        pd_ok = p_ok[:, None] & (offs_d < DH)[None, :]
-        slot = pid_bh * P + offs_p  # (B*H, P)
-        k = load_tile(K + h * P * DH, offs_p, DH, offs_d, p_ok, offs_d < DH).to(DOT_DTYPE)
-        dz = tl.load(DZ + slot[:, None] * DH + offs_d[None, :], mask=pd_ok, other=0.0).to(DOT_DTYPE)
-        lse = tl.load(LSE + slot, mask=p_ok, other=float("inf"))  # +inf: weight 0
-        delta = tl.load(DELTA + slot, mask=p_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_P)
+        kv = load_tile(k_base, offs_p, DH, offs_v, p_ok, v_ok).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_D)
+        dzv = load_tile(dz_base, offs_p, DH, offs_v, p_ok, v_ok).to(DOT_DTYPE)
+        lse = tl.load(LSE + pid_bh * P + offs_p, mask=p_ok, other=float("inf"))  # +inf: weight 0
+        delta = tl.load(DELTA + pid_bh * P + offs_p, mask=p_ok, other=0.0)
+        if DH <= BLOCK_D:
+            s = mm(q, tl.trans(kv), INPUT_PRECISION, ACC)  # (BLOCK_N, BLOCK_P)
+            dw = mm(q, tl.trans(dzv), INPUT_PRECISION, ACC)  # dDw^T
+        else:
+            s = dot_rows(q_base, stride_qn, offs_n, n_ok, k_base, DH, offs_p, p_ok, DH, BLOCK_D,
+                         DOT_DTYPE, INPUT_PRECISION, ACC)
+            dw = dot_rows(q_base, stride_qn, offs_n, n_ok, dz_base, DH, offs_p, p_ok, DH, BLOCK_D,
+                          DOT_DTYPE, INPUT_PRECISION, ACC)
         ok = _patch_ok(MASK, seed, p_drop, b, offs_n, h, p0, N, N, H, P, HAS_MASK, HAS_DROP, BLOCK_P, False)
         w = tl.where(ok, tl.exp2((s - lse[None, :]) * LOG2E), 0.0)  # Dw^T
-        dw = tl.dot(q, tl.trans(dz), input_precision=INPUT_PRECISION)  # dDw^T
         dl = w * (dw - delta[None, :])
-        dq += tl.dot(w.to(DOT_DTYPE), dz, input_precision=INPUT_PRECISION)
-        dq += tl.dot(dl.to(DOT_DTYPE), k, input_precision=INPUT_PRECISION)
-    tl.store(DQ + b * stride_dqb + offs_n[:, None].to(tl.int64) * stride_dqn + h * DH + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=nd_ok)
+        dq = mma(w.to(DOT_DTYPE), dzv, dq, INPUT_PRECISION, ACC)
+        dq = mma(dl.to(DOT_DTYPE), kv, dq, INPUT_PRECISION, ACC)
+    tl.store(DQ + b * stride_dqb + offs_n[:, None].to(tl.int64) * stride_dqn + h * DH + offs_v[None, :],
+             dq.to(DQ.dtype.element_ty), mask=n_ok[:, None] & v_ok[None, :])
 
 
 @triton.jit
@@ -181,97 +212,124 @@ def _dispatch_bwd_dk_kernel(
     Q, K, DZ, LSE, DELTA, MASK, DK_PART,
     N, P, H, n_per_split, SEED, p_drop,
     stride_qb, stride_qn,
-    HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, DH: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, DH: tl.constexpr, NUM_DV: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Partial dK over one n-chunk for a p-block of one (b, h):
+    """Partial dK over one n-chunk for a (p-block x dh-slice) of one (b, h):
     dK[p] = sum_n Dw (dZ[p] . q - delta[p]) q[n]; summed over chunks and bags by the launcher."""
     seed = load_seed(SEED, HAS_DROP)
-    pid_p = tl.program_id(0)
+    pid_p = tl.program_id(0) // NUM_DV
+    pid_v = tl.program_id(0) % NUM_DV
     pid_bh = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2)
     n_splits = tl.num_programs(2)
     b = pid_bh // H
     h = pid_bh % H
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_v = pid_v * BLOCK_D + tl.arange(0, BLOCK_D)
     p_ok = offs_p < P
-    d_ok = offs_d < DH
-    pd_ok = p_ok[:, None] & d_ok[None, :]
-    slot = pid_bh * P + offs_p
-    k = load_tile(K + h * P * DH, offs_p, DH, offs_d, p_ok, d_ok).to(DOT_DTYPE)
-    dz = tl.load(DZ + slot[:, None] * DH + offs_d[None, :], mask=pd_ok, other=0.0).to(DOT_DTYPE)
-    lse = tl.load(LSE + slot, mask=p_ok, other=float("inf"))
-    delta = tl.load(DELTA + slot, mask=p_ok, other=0.0)
+    v_ok = offs_v < DH
+    q_base = Q + b * stride_qb + h * DH
+    k_base = K + h * P * DH
+    dz_base = DZ + pid_bh * P * DH
+    if DH <= BLOCK_D:
+        k = load_tile(k_base, offs_p, DH, offs_v, p_ok, v_ok).to(DOT_DTYPE)
+        dz = load_tile(dz_base, offs_p, DH, offs_v, p_ok, v_ok).to(DOT_DTYPE)
+    lse = tl.load(LSE + pid_bh * P + offs_p, mask=p_ok, other=float("inf"))
+    delta = tl.load(DELTA + pid_bh * P + offs_p, mask=p_ok, other=0.0)
     dk = tl.zeros([BLOCK_P, BLOCK_D], ACC)
     n_start = pid_s * n_per_split
     n_end = tl.minimum(n_start + n_per_split, N)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        q = load_tile(Q + b * stride_qb + h * DH, offs_n, stride_qn, offs_d, offs_n < n_end, d_ok).to(DOT_DTYPE)
-        s = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # (BLOCK_P, BLOCK_N)
+        n_ok = offs_n < n_end
+        qv = load_tile(q_base, offs_n, stride_qn, offs_v, n_ok, v_ok).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_D)
+        if DH <= BLOCK_D:
+            s = mm(k, tl.trans(qv), INPUT_PRECISION, ACC)  # (BLOCK_P, BLOCK_N)
+            dw = mm(dz, tl.trans(qv), INPUT_PRECISION, ACC)  # dDw
+        else:
+            s = dot_rows(k_base, DH, offs_p, p_ok, q_base, stride_qn, offs_n, n_ok, DH, BLOCK_D,
+                         DOT_DTYPE, INPUT_PRECISION, ACC)
+            dw = dot_rows(dz_base, DH, offs_p, p_ok, q_base, stride_qn, offs_n, n_ok, DH, BLOCK_D,
+                          DOT_DTYPE, INPUT_PRECISION, ACC)
         ok = _patch_ok(MASK, seed, p_drop, b, offs_n, h, pid_p * BLOCK_P, n_end, N, H, P,
                        HAS_MASK, HAS_DROP, BLOCK_P, True)
         w = tl.where(ok, tl.exp2((s - lse[:, None]) * LOG2E), 0.0)  # Dw
-        dw = tl.dot(dz, tl.trans(q), input_precision=INPUT_PRECISION)  # dDw
         dl = w * (dw - delta[:, None])
-        dk += tl.dot(dl.to(DOT_DTYPE), q, input_precision=INPUT_PRECISION)
+        dk = mma(dl.to(DOT_DTYPE), qv, dk, INPUT_PRECISION, ACC)
     part = (pid_bh * n_splits + pid_s) * P + offs_p
-    tl.store(DK_PART + part[:, None] * DH + offs_d[None, :], dk, mask=pd_ok)
+    tl.store(DK_PART + part[:, None] * DH + offs_v[None, :], dk, mask=p_ok[:, None] & v_ok[None, :])
 
 
-def dispatch_meta(n: int, p: int, dh: int, bh: int, dtype: torch.dtype, sm_count: int = 132) -> dict:
-    """Block sizes and the n-split for a bag of n patches (forward partials and dK).
+# ------------------------------------------------------------------ tile sizes
+def dispatch_meta(p: int, dh: int, dtype: torch.dtype) -> dict:
+    """Tiles of the forward partials and dK: BLOCK_P x BLOCK_N logits, dh in
+    BLOCK_D slices.
 
-    16-bit inputs: 128 x 64 (BLOCK_P x BLOCK_N) logit tiles; the dots run on
-    tensor cores and the cost is reading q once per p-block. fp32: 64 x 32.
-    Its IEEE dots are FMA loops on operands held in registers: on sm_90a,
-    128 x 64 tiles spill (dK most), and 64 x 64 ones sit at ptxas's
-    128-register target, where a variant spills 8 bytes (triton 3.6's ptxas);
-    64 x 32 compiles without spills under triton 3.6 and 3.9 (100 to 220
-    registers, slot dropout included). BLOCK_P = 64 also pads P = 300 to 320
-    slots rather than 384.
-
-    Programs along P and B*H alone are few (3 * 16 for one bag at the
-    recommended sizes in bf16), so n is split until the grid covers the GPU
-    about four times over, keeping at least four n-tiles per chunk.
-    """
+    16-bit inputs: 128 x 64 logit tiles, dh slices up to 64; the dots run on
+    tensor cores and the cost is reading q once per p-block. fp32: 64 x 32,
+    slices up to 32: its IEEE dots are FMA loops on operands held in
+    registers, and wider tiles spill on sm_90a (BLOCK_P = 64 also pads P = 300
+    to 320 slots rather than 384). fp64 (gradcheck): 16-wide tiles."""
     half = dtype.itemsize <= 2
-    block_p = block(p, maximum=128 if half else 64)
-    block_n = 64 if half else 32
-    tiles = triton.cdiv(n, block_n)
-    programs = triton.cdiv(p, block_p) * bh
-    n_splits = max(1, min(triton.cdiv(4 * sm_count, programs), triton.cdiv(tiles, 4)))
-    n_per_split = triton.cdiv(tiles, n_splits) * block_n
-    n_splits = triton.cdiv(n, n_per_split)
-    return dict(BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_D=block(dh), n_splits=n_splits,
-                n_per_split=n_per_split, num_warps=4, num_stages=2)
+    block_d = block(dh, maximum=cap(dtype, 64, 32))
+    block_p = block(p, maximum=cap(dtype, 128 if block_d <= 32 else 64, 64))
+    return dict(BLOCK_P=block_p, BLOCK_N=cap(dtype, 64, 32), BLOCK_D=block_d, NUM_DV=triton.cdiv(dh, block_d),
+                num_warps=4 if half or block_d <= 16 else 8, num_stages=2)
 
 
-def dispatch_dk_meta(n: int, p: int, dh: int, bh: int, dtype: torch.dtype, sm_count: int = 132) -> dict:
-    """dK partials: the forward's grid and tiles. fp32 unpipelined: with 2 stages
-    triton 3.6's ptxas spills 8 bytes in the slot-dropout variant (168 registers)."""
-    meta = dispatch_meta(n, p, dh, bh, dtype, sm_count)
-    return meta if dtype.itemsize <= 2 else {**meta, "num_stages": 1}
+def dispatch_dk_meta(p: int, dh: int, dtype: torch.dtype) -> dict:
+    """dK partials: the forward's grid and tiles; 16-bit on 8 warps (on 4, the
+    128-slot tiles of the slot-dropout variant spill on sm_90a), fp32
+    unpipelined (with 2 stages triton 3.6's ptxas spills 8 bytes in the
+    slot-dropout variant) and, where dh spans several slices, 32-slot tiles."""
+    meta = dispatch_meta(p, dh, dtype)
+    if dtype.itemsize <= 2:
+        return {**meta, "num_warps": 8}
+    return {**meta, "num_stages": 1, **({"BLOCK_P": 32} if meta["NUM_DV"] > 1 else {})}
 
 
-def dispatch_dq_meta(n: int, p: int, dh: int, dtype: torch.dtype) -> dict:
-    """dq: one program per BLOCK_N patches of a head, all P slots streamed.
-    fp32 takes 8 warps: its FMA dots on the 64 x 64 tiles spill with 4 on
-    sm_90a; with 8, 160 to 180 registers, slot dropout included."""
-    return dict(BLOCK_N=64, BLOCK_P=block(p, maximum=64), BLOCK_D=block(dh),
-                num_warps=4 if dtype.itemsize <= 2 else 8, num_stages=2)
+def dispatch_dq_meta(p: int, dh: int, dtype: torch.dtype) -> dict:
+    """dq: one program per BLOCK_N patches and dh slice of a head, all P slots
+    streamed. fp32 takes 8 warps (its FMA dots on the 64 x 64 tiles spill with
+    4 on sm_90a) and 32 patches from dh = 32 on; 16-bit takes 8 warps from dh
+    = 33 on (64-wide slices)."""
+    block_d = block(dh, maximum=cap(dtype, 64, 32))
+    half = dtype.itemsize <= 2
+    return dict(BLOCK_N=cap(dtype, 64, 64 if dh < 32 else 32), BLOCK_P=block(p, maximum=cap(dtype, 64, 64)),
+                BLOCK_D=block_d, NUM_DV=triton.cdiv(dh, block_d), num_warps=4 if half and block_d <= 32 else 8,
+                num_stages=2)
 
 
-def _common_args(q: torch.Tensor, mask, drop):
-    """Kernel arguments shared by all dispatch kernels: the mask (or a dummy
-    pointer), the slot-dropout (seed, p) and the dtype constexprs."""
+def dispatch_metas(p: int, dh: int, dtype: torch.dtype) -> list:
+    """The forward partials' tile candidates (``_launch.choose`` takes the first
+    that compiles without spills): ``dispatch_meta``, then smaller tiles."""
+    return candidates(dispatch_meta(p, dh, dtype), ("BLOCK_N", "BLOCK_P"))
+
+
+def dispatch_merge_metas(p: int, dh: int, dtype: torch.dtype) -> list:
+    meta = dispatch_meta(p, dh, dtype)
+    return candidates(dict(BLOCK_P=meta["BLOCK_P"], BLOCK_D=meta["BLOCK_D"], NUM_DV=meta["NUM_DV"], num_warps=4,
+                           num_stages=2), ("BLOCK_P",))
+
+
+def dispatch_dk_metas(p: int, dh: int, dtype: torch.dtype) -> list:
+    return candidates(dispatch_dk_meta(p, dh, dtype), ("BLOCK_N", "BLOCK_P"))
+
+
+def dispatch_dq_metas(p: int, dh: int, dtype: torch.dtype) -> list:
+    return candidates(dispatch_dq_meta(p, dh, dtype), ("BLOCK_N", "BLOCK_P"))
+
+
+# ------------------------------------------------------------------ launchers
+def _common_args(q: torch.Tensor, mask, drop) -> dict:
+    """Kernel arguments shared by all dispatch kernels: the mask (bool; an input
+    stands in for an absent one, never a buffer a kernel writes), the
+    slot-dropout (seed, p) and the dtype constexprs."""
     seed, p_drop = (seed_tensor(drop[0], q.device), kernel_p_drop(drop[1])) if drop is not None else (q, 0.0)
-    mask_arg = mask.contiguous().view(torch.uint8) if mask is not None else q
-    consts = dict(HAS_MASK=mask is not None, HAS_DROP=drop is not None, DOT_DTYPE=dot_dtype(q.dtype),
-                  INPUT_PRECISION=input_precision(), ACC=TORCH_TO_TL[acc_dtype(q.dtype)])
-    return mask_arg, seed, p_drop, consts
+    return dict(MASK=mask_arg(mask) if mask is not None else q, SEED=seed, p_drop=p_drop,
+                HAS_MASK=mask is not None, HAS_DROP=drop is not None, **dot_consts(q.dtype))
 
 
 @on_device
@@ -284,25 +342,26 @@ def dispatch_forward(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None
     bsz, n, c = q.shape
     h, p, dh = k.shape
     assert c == h * dh and q.stride(2) == 1 and k.is_contiguous()
-    meta = dispatch_meta(n, p, dh, bsz * h, q.dtype, sm_count(q.device))
-    n_splits = meta.pop("n_splits")
-    n_per_split = meta.pop("n_per_split")
-    mask_arg, seed, p_drop, consts = _common_args(q, mask, drop)
     acc = dict(device=q.device, dtype=acc_dtype(q.dtype))
+    args = dict(Q=q, K=k, N=n, P=p, H=h, stride_qb=q.stride(0), stride_qn=q.stride(1), DH=dh,
+                **_common_args(q, mask, drop))
+    # the partials (m, l, acc) travel as k (their dtype) and n_per_split as 64 while the kernel is chosen
+    meta, resident = choose(_dispatch_partial_kernel, q.device,
+                            {**args, "M_PART": k, "L_PART": k, "ACC_PART": k, "n_per_split": 64},
+                            dispatch_metas(p, dh, q.dtype))
+    blocks = triton.cdiv(p, meta["BLOCK_P"]) * meta["NUM_DV"]
+    n_splits, n_per_split = split_n(n, meta["BLOCK_N"], blocks * bsz * h, resident)
     m_part = torch.empty(bsz * h, n_splits, p, **acc)
     l_part = torch.empty(bsz * h, n_splits, p, **acc)
     acc_part = torch.empty(bsz * h, n_splits, p, dh, **acc)
-    grid = (triton.cdiv(p, meta["BLOCK_P"]), bsz * h, n_splits)
-    traceable(_dispatch_partial_kernel)[grid](
-        q, k, mask_arg, m_part, l_part, acc_part,
-        n, p, h, n_per_split, seed, p_drop, q.stride(0), q.stride(1), DH=dh, **consts, **meta,
-    )
+    launch(_dispatch_partial_kernel, (blocks, bsz * h, n_splits), M_PART=m_part, L_PART=l_part, ACC_PART=acc_part,
+           n_per_split=n_per_split, **args, **meta)
     z = torch.empty(bsz, h, p, dh, **acc)
     lse = torch.empty(bsz, h, p, **acc)
-    traceable(_dispatch_merge_kernel)[(triton.cdiv(p, meta["BLOCK_P"]), bsz * h)](
-        m_part, l_part, acc_part, z, lse, p, n_splits,
-        DH=dh, BLOCK_P=meta["BLOCK_P"], BLOCK_D=meta["BLOCK_D"], ACC=consts["ACC"],
-    )
+    merge = dict(M_PART=m_part, L_PART=l_part, ACC_PART=acc_part, Z=z, LSE=lse, P=p, n_splits=n_splits, DH=dh,
+                 ACC=args["ACC"])
+    meta, _ = choose(_dispatch_merge_kernel, q.device, merge, dispatch_merge_metas(p, dh, q.dtype))
+    launch(_dispatch_merge_kernel, (triton.cdiv(p, meta["BLOCK_P"]) * meta["NUM_DV"], bsz * h), **merge, **meta)
     return z, lse
 
 
@@ -318,54 +377,21 @@ def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq: bool, need_dk: bool
     # so that sum_n dL_d stays 0 as the softmax requires
     dz_dot = dz.to(q.dtype).to(z.dtype) if dot_dtype(q.dtype) in (tl.float16, tl.bfloat16) else dz
     delta = (dz_dot * z).sum(-1)  # (B, H, P): P * H values
-    mask_arg, seed, p_drop, consts = _common_args(q, mask, drop)
+    common = dict(Q=q, K=k, DZ=dz, LSE=lse, DELTA=delta, N=n, P=p, H=h, stride_qb=q.stride(0),
+                  stride_qn=q.stride(1), DH=dh, **_common_args(q, mask, drop))
     dq = dk = None
     if need_dq:
-        meta = dispatch_dq_meta(n, p, dh, q.dtype)
         dq = torch.empty(bsz, n, c, device=q.device, dtype=q.dtype)
-        traceable(_dispatch_bwd_dq_kernel)[(triton.cdiv(n, meta["BLOCK_N"]), bsz * h)](
-            q, k, dz, lse, delta, mask_arg, dq,
-            n, p, h, seed, p_drop, q.stride(0), q.stride(1), dq.stride(0), dq.stride(1),
-            DH=dh, **consts, **meta,
-        )
+        args = dict(DQ=dq, stride_dqb=dq.stride(0), stride_dqn=dq.stride(1), **common)
+        meta, _ = choose(_dispatch_bwd_dq_kernel, q.device, args, dispatch_dq_metas(p, dh, q.dtype))
+        launch(_dispatch_bwd_dq_kernel, (triton.cdiv(n, meta["BLOCK_N"]) * meta["NUM_DV"], bsz * h), **args, **meta)
     if need_dk:
-        meta = dispatch_dk_meta(n, p, dh, bsz * h, q.dtype, sm_count(q.device))
-        n_splits = meta.pop("n_splits")
-        n_per_split = meta.pop("n_per_split")
+        meta, resident = choose(_dispatch_bwd_dk_kernel, q.device, {**common, "DK_PART": z, "n_per_split": 64},
+                                dispatch_dk_metas(p, dh, q.dtype))
+        blocks = triton.cdiv(p, meta["BLOCK_P"]) * meta["NUM_DV"]
+        n_splits, n_per_split = split_n(n, meta["BLOCK_N"], blocks * bsz * h, resident)
         dk_part = torch.empty(bsz, h, n_splits, p, dh, device=q.device, dtype=z.dtype)
-        traceable(_dispatch_bwd_dk_kernel)[(triton.cdiv(p, meta["BLOCK_P"]), bsz * h, n_splits)](
-            q, k, dz, lse, delta, mask_arg, dk_part,
-            n, p, h, n_per_split, seed, p_drop, q.stride(0), q.stride(1),
-            DH=dh, **consts, **meta,
-        )
+        launch(_dispatch_bwd_dk_kernel, (blocks, bsz * h, n_splits), DK_PART=dk_part, n_per_split=n_per_split,
+               **common, **meta)
         dk = dk_part.sum(dim=(0, 2))  # (H, P, dh)
     return dq, dk
-
-
-class DispatchFunction(torch.autograd.Function):
-    """(Z, LSE) = dispatch(q, K) per (bag, head); saves q, K, Z and LSE (no N*H*P
-    tensor). LSE (B, H, P) is returned for ``return_weights`` and carries no gradient."""
-
-    @staticmethod
-    def forward(ctx, q, k, mask, drop):
-        seed, ctx.p_drop = _ops.drop_args(drop, q)
-        z, lse = _ops.dispatch_forward(q, k, mask, _ops.make_drop(seed, ctx.p_drop))
-        ctx.save_for_backward(q, k, z, lse, mask, seed)
-        ctx.mark_non_differentiable(lse)
-        return z, lse
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dz, _dlse):
-        q, k, z, lse, mask, seed = ctx.saved_tensors
-        drop = _ops.make_drop(seed, ctx.p_drop)
-        dq, dk = _ops.dispatch_backward(dz, q, k, z, lse, mask, drop, *ctx.needs_input_grad[:2])
-        return dq, dk, None, None
-
-
-def dispatch(q, k, mask=None, drop=None):
-    """Differentiable dispatch: q (B, N, C), k (H, P, dh) -> Z (B, H, P, dh)."""
-    return DispatchFunction.apply(q, k, mask, drop)[0]
-
-
-from . import _ops  # noqa: E402  (the launchers as custom ops; imports this module)

@@ -8,27 +8,58 @@ against 2 KiB + 1.5 KiB unfused per patch: the separate norm adds 40 % to the
 bytes of a kernel that is memory-bound on an H100 (2 * 262k FLOP per 2.5 KiB
 = 205 FLOP/byte, under the ridge of 800 TFLOP/s / 3.0 TB/s = 267 FLOP/byte).
 (In training the kernel also writes y for the backward: 0.5 KiB more.)
-C = 256 fits one tile row, so each program owns whole rows and normalizes
-them in registers.
+Up to C = 512 each program owns whole rows (BLOCK_C covers C) and normalizes
+them in registers. Wider queries (C in (512, 1024]) do not fit one tile row
+(the Wq tiles alone would pass the 227 KiB of shared memory a block may
+have), and there the GEMM is relatively heavier (Din * C multiply-adds for the
+same bytes): the library GEMM computes x @ Wq^T and a row kernel
+(``_query_norm_fwd_kernel``) adds the bias and normalizes.
 
 LayerNorm (eps 1e-5, weight gamma, bias beta) or the RMS variant
 y / max(||y||, 1e-8) * sqrt(C) * gamma. Saved for backward, per row in the
 accumulator dtype (fp32; fp64 for fp64 input): the mean (LayerNorm) and rstd
 (1/sqrt(var + eps), or 1/max(||y||, 1e-8)).
 
-Backward (``QueryFunction``): the forward also stores the pre-norm y (N * C
-values in x's dtype) rather than have the backward recompute it with a second
-Din x C GEMM; a row-norm kernel turns dq into dy and dgamma, and library GEMMs
-give dx = dy @ Wq, dWq = dy^T @ x and dbq = sum_n dy.
+Backward: the forward also stores the pre-norm y (N * C values in x's dtype)
+rather than have the backward recompute it with a second Din x C GEMM; a
+row-norm kernel turns dq into dy and dgamma, and library GEMMs give
+dx = dy @ Wq, dWq = dy^T @ x and dbq = sum_n dy.
 """
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-from ._launch import TORCH_TO_TL, acc_dtype, block, check_device, dot_dtype, input_precision, on_device, traceable
+from ._launch import (TORCH_TO_TL, acc_dtype, block, candidates, check_device, choose, dot_dtype, input_precision,
+                      launch, on_device)
+
+FUSED_MAX_C = 512
+"""The widest query the fused GEMM + norm kernel takes (one tile row)."""
+
+
+@triton.jit
+def _norm_rows(y, offs_m, m_ok, offs_c, c_ok, GAMMA, BETA, Q, Y, MEAN, RSTD, C, stride_qm, eps,
+               USE_LAYERNORM: tl.constexpr, STORE_Y: tl.constexpr, ACC: tl.constexpr):
+    """Epilogue on whole rows y (BLOCK_M, BLOCK_C) in ACC, 0 in the padding
+    columns: stores y (STORE_Y), q = norm(y), and the row statistics."""
+    out_offs = offs_m[:, None] * stride_qm + offs_c[None, :]  # (BLOCK_M, BLOCK_C), q and y alike
+    out_ok = m_ok[:, None] & c_ok[None, :]
+    if STORE_Y:
+        tl.store(Y + out_offs, y.to(Y.dtype.element_ty), mask=out_ok)
+    gamma = tl.load(GAMMA + offs_c, mask=c_ok, other=0.0).to(ACC)
+    if USE_LAYERNORM:
+        mean = tl.sum(y, axis=1) / C
+        diff = tl.where(c_ok[None, :], y - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / C + eps)
+        beta = tl.load(BETA + offs_c, mask=c_ok, other=0.0).to(ACC)
+        q = diff * rstd[:, None] * gamma[None, :] + beta[None, :]
+        tl.store(MEAN + offs_m, mean, mask=m_ok)
+    else:
+        rstd = 1.0 / tl.maximum(tl.sqrt(tl.sum(y * y, axis=1)), 1e-8)
+        q = y * (rstd * tl.sqrt(tl.cast(C, ACC)))[:, None] * gamma[None, :]
+    tl.store(RSTD + offs_m, rstd, mask=m_ok)
+    tl.store(Q + out_offs, q.to(Q.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
@@ -41,6 +72,7 @@ def _query_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
+    """BLOCK_M whole rows: the GEMM over Din in BLOCK_K steps, then the norm."""
     pid = tl.program_id(0).to(tl.int64)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, BLOCK_C)
@@ -58,35 +90,48 @@ def _query_fwd_kernel(
         acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC)  # out_dtype: fp64 needs it in triton 3.6
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
-
     y = acc + tl.load(BIAS + offs_c, mask=c_ok, other=0.0).to(ACC)[None, :]  # padding columns stay 0
-    out_offs = offs_m[:, None] * stride_qm + offs_c[None, :]  # (BLOCK_M, BLOCK_C), q and y alike
-    out_ok = m_ok[:, None] & c_ok[None, :]
-    if STORE_Y:
-        tl.store(Y + out_offs, y.to(Y.dtype.element_ty), mask=out_ok)
-    gamma = tl.load(GAMMA + offs_c, mask=c_ok, other=0.0).to(ACC)
-    if USE_LAYERNORM:
-        mean = tl.sum(y, axis=1) / C
-        diff = tl.where(c_ok[None, :], y - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / C + eps)
-        beta = tl.load(BETA + offs_c, mask=c_ok, other=0.0).to(ACC)
-        q = diff * rstd[:, None] * gamma[None, :] + beta[None, :]
-        tl.store(MEAN + offs_m, mean, mask=m_ok)
-    else:
-        rstd = 1.0 / tl.maximum(tl.sqrt(tl.sum(y * y, axis=1)), 1e-8)
-        q = y * (rstd * tl.sqrt(C.to(ACC)))[:, None] * gamma[None, :]
-    tl.store(RSTD + offs_m, rstd, mask=m_ok)
-    tl.store(Q + out_offs, q.to(Q.dtype.element_ty), mask=out_ok)
+    _norm_rows(y, offs_m, m_ok, offs_c, c_ok, GAMMA, BETA, Q, Y, MEAN, RSTD, C, stride_qm, eps,
+               USE_LAYERNORM, STORE_Y, ACC)
 
 
-def query_meta(m: int, k: int, c: int, dtype: torch.dtype) -> dict:
-    """Whole rows per program (BLOCK_C covers C); fewer rows when C is wide,
-    or in fp32, whose FMA dot with 64 x 256 accumulators spills on sm_90a
-    (32 rows: about 170 registers, the epilogue and y's store included)."""
+@triton.jit
+def _query_norm_fwd_kernel(
+    XW, BIAS, GAMMA, BETA, Q, Y, MEAN, RSTD,
+    M, C, stride_qm, eps,
+    USE_LAYERNORM: tl.constexpr, STORE_Y: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """BLOCK_M whole rows of x @ Wq^T (M, C) contiguous, from the library GEMM:
+    adds the bias, then the norm."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, BLOCK_C)
+    m_ok = offs_m < M
+    c_ok = offs_c < C
+    y = tl.load(XW + offs_m[:, None] * C + offs_c[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
+    y += tl.load(BIAS + offs_c, mask=c_ok, other=0.0).to(ACC)[None, :]
+    _norm_rows(y, offs_m, m_ok, offs_c, c_ok, GAMMA, BETA, Q, Y, MEAN, RSTD, C, stride_qm, eps,
+               USE_LAYERNORM, STORE_Y, ACC)
+
+
+def query_meta(c: int, dtype: torch.dtype) -> dict:
+    """The fused kernel (C <= FUSED_MAX_C): whole rows per program (BLOCK_C
+    covers C); fewer rows when C is wide, or in fp32, whose FMA dot with
+    64 x 256 accumulators spills on sm_90a (32 rows: about 170 registers, the
+    epilogue and y's store included); 16 rows for fp32 at C = 512."""
     block_c = block(c)
-    block_m = 64 if block_c <= 256 and dtype.itemsize == 2 else 32
-    return dict(BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=64 if dtype.itemsize == 2 else 32,
-                num_warps=8, num_stages=3)
+    half = dtype.itemsize == 2
+    block_m = (64 if block_c <= 256 else 32) if half else (32 if block_c <= 256 else 16)
+    return dict(BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=64 if half else 32, num_warps=8, num_stages=3)
+
+
+def query_rows_meta(c: int, dtype: torch.dtype) -> dict:
+    """The row kernels (the norm after a library GEMM, and the norm's backward):
+    whole rows per program, 8192 elements (32 per thread in one tile; 4096 in
+    fp64)."""
+    block_c = block(c)
+    elements = 4096 if dtype == torch.float64 else 8192
+    return dict(BLOCK_M=max(1, min(128, elements // block_c)), BLOCK_C=block_c, num_warps=8, num_stages=2)
 
 
 @on_device
@@ -101,21 +146,27 @@ def query_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gam
     check_device(x, weight)
     m, k = x.shape
     c = weight.shape[0]
-    meta = query_meta(m, k, c, x.dtype)
     q = torch.empty(m, c, device=x.device, dtype=x.dtype)
     if y_out is not None:
         assert y_out.shape == q.shape and y_out.stride() == q.stride() and y_out.dtype == q.dtype
     stat = dict(device=x.device, dtype=acc_dtype(x.dtype))
     mean = torch.empty(m, **stat) if use_layernorm else None
     rstd = torch.empty(m, **stat)
-    grid = (triton.cdiv(m, meta["BLOCK_M"]),)
-    traceable(_query_fwd_kernel)[grid](
-        x, weight, bias, gamma, beta if beta is not None else gamma, q, y_out if y_out is not None else q,
-        mean if mean is not None else rstd, rstd,
-        m, k, c, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), q.stride(0),
-        eps, USE_LAYERNORM=use_layernorm, STORE_Y=y_out is not None,
-        DOT_DTYPE=dot_dtype(x.dtype), INPUT_PRECISION=input_precision(), ACC=TORCH_TO_TL[stat["dtype"]], **meta,
-    )
+    # absent outputs: inputs stand in (never written), not buffers another argument writes
+    args = dict(BIAS=bias, GAMMA=gamma, BETA=beta if beta is not None else gamma, Q=q,
+                Y=y_out if y_out is not None else x, MEAN=mean if mean is not None else gamma, RSTD=rstd,
+                M=m, C=c, stride_qm=q.stride(0), eps=eps, USE_LAYERNORM=use_layernorm, STORE_Y=y_out is not None,
+                ACC=TORCH_TO_TL[stat["dtype"]])
+    if c <= FUSED_MAX_C:
+        kernel, metas = _query_fwd_kernel, candidates(query_meta(c, x.dtype), ("BLOCK_M", "BLOCK_K"))
+        args.update(X=x, W=weight, K=k, stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wc=weight.stride(0),
+                    stride_wk=weight.stride(1), DOT_DTYPE=dot_dtype(x.dtype), INPUT_PRECISION=input_precision())
+    else:
+        kernel, metas = _query_norm_fwd_kernel, candidates(query_rows_meta(c, x.dtype), ("BLOCK_M",))
+        with torch.autocast(x.device.type, enabled=False):  # x @ Wq^T in x's dtype, as the fused kernel's dots
+            args.update(XW=(x @ weight.t()).contiguous())
+    meta, _ = choose(kernel, x.device, args, metas)
+    launch(kernel, (triton.cdiv(m, meta["BLOCK_M"]),), **args, **meta)
     return q, mean, rstd
 
 
@@ -154,7 +205,7 @@ def _query_norm_bwd_kernel(
         yhat = (y - mean[:, None]) * rstd[:, None]
         scale = rstd
     else:
-        scale = rstd * tl.sqrt(C.to(ACC))
+        scale = rstd * tl.sqrt(tl.cast(C, ACC))
         yhat = y * scale[:, None]
     if NEED_DGAMMA:
         tl.store(DGAMMA_PART + pid * C + offs_c, tl.sum(dq * yhat, axis=0), mask=c_ok)
@@ -169,12 +220,6 @@ def _query_norm_bwd_kernel(
         tl.store(DY + y_offs, dy.to(DY.dtype.element_ty), mask=ok)
 
 
-def query_norm_bwd_meta(c: int) -> dict:
-    """Whole rows per program, 8192 elements (32 per thread in one tile)."""
-    block_c = block(c)
-    return dict(BLOCK_M=max(1, min(128, 8192 // block_c)), BLOCK_C=block_c, num_warps=8)
-
-
 @on_device
 def query_norm_backward(dq: torch.Tensor, y: torch.Tensor, mean: torch.Tensor | None, rstd: torch.Tensor,
                         gamma: torch.Tensor, use_layernorm: bool, need_dy: bool, need_dgamma: bool):
@@ -184,54 +229,14 @@ def query_norm_backward(dq: torch.Tensor, y: torch.Tensor, mean: torch.Tensor | 
     needed. dgamma sums per-program partials: deterministic, no atomics."""
     check_device(dq, y)
     m, c = y.shape
-    meta = query_norm_bwd_meta(c)
-    grid = (triton.cdiv(m, meta["BLOCK_M"]),)
     dy = torch.empty_like(y) if need_dy else None
-    dgamma_part = torch.empty(grid[0], c, device=y.device, dtype=rstd.dtype) if need_dgamma else None
-    traceable(_query_norm_bwd_kernel)[grid](
-        dq, y, mean if mean is not None else rstd, rstd, gamma,
-        dy if need_dy else y, dgamma_part if need_dgamma else rstd,
-        m, c, dq.stride(0), dq.stride(1),
-        USE_LAYERNORM=use_layernorm, NEED_DY=need_dy, NEED_DGAMMA=need_dgamma,
-        ACC=TORCH_TO_TL[rstd.dtype], **meta,
-    )
+    # absent outputs: inputs stand in (never written)
+    args = dict(DQ=dq, Y=y, MEAN=mean if mean is not None else rstd, RSTD=rstd, GAMMA=gamma, DY=dy if need_dy else y,
+                M=m, C=c, stride_dqm=dq.stride(0), stride_dqc=dq.stride(1), USE_LAYERNORM=use_layernorm,
+                NEED_DY=need_dy, NEED_DGAMMA=need_dgamma, ACC=TORCH_TO_TL[rstd.dtype])
+    meta, _ = choose(_query_norm_bwd_kernel, y.device, {**args, "DGAMMA_PART": rstd},
+                     candidates(query_rows_meta(c, y.dtype), ("BLOCK_M",)))
+    grid = (triton.cdiv(m, meta["BLOCK_M"]),)
+    dgamma_part = torch.empty(grid[0], c, device=y.device, dtype=rstd.dtype) if need_dgamma else rstd
+    launch(_query_norm_bwd_kernel, grid, DGAMMA_PART=dgamma_part, **args, **meta)
     return dy, dgamma_part.sum(0) if need_dgamma else None
-
-
-class QueryFunction(torch.autograd.Function):
-    """q = norm(x @ W^T + b) (M, C) in x's dtype. Saves x (only if W needs a
-    gradient), W, gamma and, for the backward, y (M, C), mean and rstd (M,):
-    O(M * C) beyond the inputs.
-    beta is a buffer: it gets no gradient."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, gamma, beta, use_layernorm: bool):
-        q, mean, rstd, y = _ops.query_forward(x, weight, bias, gamma, beta, use_layernorm,
-                                              store_y=any(ctx.needs_input_grad[:4]))
-        # x (M, Din), under autocast a half copy of the features, is kept only for dWq
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, gamma, y, mean, rstd)
-        ctx.use_layernorm = use_layernorm
-        ctx.bias_dtype = bias.dtype
-        return q
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dq):
-        x, weight, gamma, y, mean, rstd = ctx.saved_tensors
-        need_dx, need_dw, need_db, need_dgamma = ctx.needs_input_grad[:4]
-        need_dy = need_dx or need_dw or need_db
-        if not (need_dy or need_dgamma):
-            return None, None, None, None, None, None
-        dy, dgamma = _ops.query_norm_backward(dq, y, mean, rstd, gamma, ctx.use_layernorm, need_dy, need_dgamma)
-        # dy is in x's dtype, so with bf16/fp16 inputs the GEMMs run on tensor
-        # cores with fp32 accumulation, as the eager layer's backward under
-        # autocast does; fp32 GEMMs would first copy x, the largest tensor, to
-        # fp32, for accuracy beyond what SPEC section 10 asks.
-        dx = dy @ weight.to(dy.dtype) if need_dx else None  # (M, Din)
-        dw = (dy.t() @ x).to(weight.dtype) if need_dw else None  # (C, Din)
-        db = dy.sum(0, dtype=rstd.dtype).to(ctx.bias_dtype) if need_db else None  # (C,)
-        dgamma = dgamma.to(gamma.dtype) if need_dgamma else None
-        return dx, dw, db, dgamma, None, None
-
-
-from . import _ops  # noqa: E402  (the launchers as custom ops; imports this module)

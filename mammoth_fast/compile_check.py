@@ -1,24 +1,31 @@
 """Ahead-of-time compile check of the Triton kernels for an H100 (sm_90a), no GPU needed.
 
-    python -m mammoth_fast.compile_check [--json rows.json] [--jobs N]
+    python -m mammoth_fast.compile_check [--sizes din=..,d=..,c=..,h=..,e=..,s=..[,r=..] ...]
+                                         [--hardest] [--json rows.json] [--jobs N]
 
-Every kernel in ``KERNELS`` is compiled with ``triton.compile`` at the block
-sizes its launcher picks (the same ``*_meta`` functions), for the recommended
-layer on one bag of N in {1000, 100000} patches, in fp32 and bf16, and for each
-flag variant its launcher passes. Arguments are specialized as the launcher's
+Every kernel in ``KERNELS`` is compiled with ``triton.compile`` at the tile
+sizes its launcher picks (the same ``*_meta`` functions), for each layer size
+of ``SIZE_MATRIX`` (or the ``--sizes`` given), in fp32 and bf16 (and fp64 at
+a few sizes), and for each flag variant its launcher passes (``--hardest``:
+only the variant with every flag on, the most registers). The matrix spans
+the valid sizes beyond the recommended one: H from 1 to 32, C and D up to
+1024 (dh and do up to 1024 at H = 1), E from 1 to 64, S up to 16, ranks from
+8 to ~1200, Din from 166 to 2560. Arguments are specialized as the launcher's
 call specializes them (pointers and 16-divisible ints get ``tt.divisibility``,
 ints equal to 1 become constants); identical compile jobs run once, spread
 over one process per CPU. Per job it reports registers, spilled bytes, shared
 memory and whether the dots run on tensor cores (n/a: no dots), and fails on
 a compile error, a spill, or shared memory above the H100's 227 KiB per
-block. Where TRITON_INTERPRET is set (the tests without a GPU),
-``run_checks`` compiles in a child process without it.
+block. fp64 (the gradient checks' dtype, at small sizes) must compile; its
+16-wide tiles may spill at wide sizes, which costs only speed there, so fp64
+spills are reported, not failed. Where TRITON_INTERPRET is set (the tests
+without a GPU), ``run_checks`` compiles in a child process without it.
 
 Adding a kernel is one ``Kernel`` entry: its file, its name, a function
 giving every argument its launcher passes (a torch dtype stands for a pointer
 to that dtype), plus ``num_warps`` / ``num_stages`` where the launcher sets
-them, its flags and, where some combinations of them are never launched, a
-predicate that drops those.
+them, its flags, and a predicate saying which flag combinations (and sizes)
+its launcher uses.
 """
 from __future__ import annotations
 
@@ -49,31 +56,45 @@ from triton.runtime.jit import JITFunction
 
 from .kernels._launch import TORCH_TO_TL, acc_dtype, dot_dtype, interpreting
 from .kernels._slot_dropout import slot_keep_mask_meta
-from .kernels.combine import combine_dkdy_meta, combine_dq_meta, combine_meta
-from .kernels.dispatch import dispatch_dk_meta, dispatch_dq_meta, dispatch_meta
-from .kernels.experts import experts_bwd_meta, experts_meta
-from .kernels.query import query_meta, query_norm_bwd_meta
+from .kernels._launch import candidates
+from .kernels.combine import combine_dkdy_metas, combine_dq_metas, combine_metas
+from .kernels.dispatch import dispatch_dk_metas, dispatch_dq_metas, dispatch_merge_metas, dispatch_metas
+from .kernels.experts import experts_norm_metas, experts_proj_bwd_metas, experts_proj_metas
+from .kernels.query import FUSED_MAX_C, query_meta, query_rows_meta
 from .sizes import LayerSizes
 
 H100 = GPUTarget("cuda", 90, 32)  # compiles for sm_90a
-H100_SM_COUNT = 132
 H100_SMEM_PER_BLOCK = 227 * 1024  # 232448 bytes
-N_VALUES = (1000, 100_000)
-DTYPES = (torch.float32, torch.bfloat16)
 INPUT_PRECISION = "ieee"  # fp32 dots under torch's default (TF32 matmuls off)
 OPTIONS = ("num_warps", "num_stages")
 PACKAGE = "mammoth_fast.kernels"
 MODULE = "mammoth_fast.compile_check"
 PTR_TYPES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-             torch.uint8: "u8", torch.int8: "i8", torch.int64: "i64"}
+             torch.uint8: "u8", torch.int8: "i8", torch.int64: "i64", torch.bool: "i1"}
 P_DROP = 0.1  # slot dropout where HAS_DROP
+DTYPES = (torch.float32, torch.bfloat16)
+
+RECOMMENDED = LayerSizes()
+SIZE_MATRIX = (
+    RECOMMENDED,  # dh 16, do 32, r 17
+    LayerSizes(din=1536, d=1024, c=768, h=1, e=1, s=16),  # dh 768, do 1024, r 219: one head, as wide as it gets
+    LayerSizes(din=1536, d=1024, c=128, h=2, e=1, s=8),  # dh 64, do 512, r 1195: the widest rank
+    LayerSizes(din=1024, d=1024, c=1024, h=2, e=16, s=4, rank=64),  # dh 512, do 512, C = 1024
+    LayerSizes(din=2560, d=1024, c=1024, h=32, e=64, s=16, rank=16),  # dh 32, do 32, P = 1024
+    LayerSizes(din=166, d=64, c=32, h=32, e=4, s=3, rank=8),  # dh 1, do 2: tiny heads
+    LayerSizes(din=768, d=256, c=512, h=4, e=8, s=12, rank=32),  # dh 128, do 64, C = 512
+    LayerSizes(din=2560, d=768, c=384, h=8, e=30, s=10),  # dh 48, do 96, r 42
+    LayerSizes(din=1024, d=512, c=256, h=4, e=2, s=1),  # dh 64, do 128, r 205, E = 2, S = 1
+)
+"""The layer sizes checked by default: the recommended one and corners of the valid range."""
+FP64_SIZES = (RECOMMENDED, SIZE_MATRIX[1])
+N_VALUES = {RECOMMENDED: (1000, 100_000)}  # bag sizes: N % 16 decides a specialization; 100k elsewhere
 
 
 @dataclass(frozen=True)
 class Sizes(LayerSizes):
-    """The recommended layer (Din 1024, D 512, C 256, H 16, E 30, S 10, rank 17)
-    on B bags of N patches computing in ``dtype``. Parameters stay fp32: bf16
-    runs under autocast."""
+    """A layer size on B bags of N patches computing in ``dtype``. Parameters
+    stay fp32: bf16 runs under autocast."""
     n: int = 1000
     dtype: torch.dtype = torch.float32
     param: torch.dtype = torch.float32
@@ -82,6 +103,11 @@ class Sizes(LayerSizes):
     def acc(self) -> torch.dtype:
         return acc_dtype(self.dtype)
 
+    @staticmethod
+    def of(size: LayerSizes, n: int, dtype: torch.dtype) -> "Sizes":
+        return Sizes(**{f: getattr(size, f) for f in LayerSizes.__dataclass_fields__}, n=n, dtype=dtype,
+                     param=torch.float64 if dtype == torch.float64 else torch.float32)
+
 
 def _precision(sz: Sizes) -> dict:
     """The dtype constexprs of the launchers, as on a GPU."""
@@ -89,12 +115,8 @@ def _precision(sz: Sizes) -> dict:
 
 
 def _mask(sz: Sizes, has_mask: bool) -> torch.dtype:
-    """The mask pointer: bool viewed as uint8, or q standing in when there is none."""
-    return torch.uint8 if has_mask else sz.dtype
-
-
-def _dispatch_meta(sz: Sizes) -> dict:
-    return dispatch_meta(sz.n, sz.p, sz.dh, sz.b * sz.h, sz.dtype, H100_SM_COUNT)
+    """The mask pointer: the bool mask, or q standing in when there is none."""
+    return torch.bool if has_mask else sz.dtype
 
 
 def _drop(sz: Sizes, has_drop: bool) -> dict:
@@ -102,16 +124,29 @@ def _drop(sz: Sizes, has_drop: bool) -> dict:
     return dict(SEED=torch.int64 if has_drop else sz.dtype, p_drop=P_DROP if has_drop else 0.0)
 
 
+SPLIT = dict(n_per_split=64 * 7)
+"""The n-chunk length of a split kernel: a multiple of BLOCK_N (any; it specializes alike)."""
+
+
 # One function per kernel, mirroring its launcher's call on contiguous tensors.
 
+def _norm_out_args(sz: Sizes, USE_LAYERNORM: bool, STORE_Y: bool) -> dict:
+    """The query forwards' row-norm outputs; absent ones are inputs standing in."""
+    return dict(BIAS=sz.param, GAMMA=sz.param, BETA=sz.param, Q=sz.dtype, Y=sz.dtype,
+                MEAN=sz.acc if USE_LAYERNORM else sz.param, RSTD=sz.acc, M=sz.b * sz.n, C=sz.c, stride_qm=sz.c,
+                eps=1e-5, USE_LAYERNORM=USE_LAYERNORM, STORE_Y=STORE_Y, ACC=TORCH_TO_TL[sz.acc])
+
+
 def _query_args(sz: Sizes, USE_LAYERNORM: bool, STORE_Y: bool) -> dict:
-    m = sz.b * sz.n
-    return dict(
-        X=sz.dtype, W=sz.dtype, BIAS=sz.param, GAMMA=sz.param, BETA=sz.param, Q=sz.dtype, Y=sz.dtype,
-        MEAN=sz.acc, RSTD=sz.acc, M=m, K=sz.din, C=sz.c, stride_xm=sz.din, stride_xk=1, stride_wc=sz.din,
-        stride_wk=1, stride_qm=sz.c, eps=1e-5, USE_LAYERNORM=USE_LAYERNORM, STORE_Y=STORE_Y, **_precision(sz),
-        **query_meta(m, sz.din, sz.c, sz.dtype),
-    )
+    prec = _precision(sz)
+    return dict(X=sz.dtype, W=sz.dtype, K=sz.din, stride_xm=sz.din, stride_xk=1, stride_wc=sz.din, stride_wk=1,
+                DOT_DTYPE=prec["DOT_DTYPE"], INPUT_PRECISION=INPUT_PRECISION,
+                **_norm_out_args(sz, USE_LAYERNORM, STORE_Y))
+
+
+def _query_norm_fwd_args(sz: Sizes, USE_LAYERNORM: bool, STORE_Y: bool) -> dict:
+    """The norm after the library GEMM (C > FUSED_MAX_C): x @ Wq^T in the compute dtype."""
+    return dict(XW=sz.dtype, **_norm_out_args(sz, USE_LAYERNORM, STORE_Y))
 
 
 def _query_norm_bwd_args(sz: Sizes, USE_LAYERNORM: bool, NEED_DY: bool, NEED_DGAMMA: bool) -> dict:
@@ -120,144 +155,155 @@ def _query_norm_bwd_args(sz: Sizes, USE_LAYERNORM: bool, NEED_DY: bool, NEED_DGA
         DQ=sz.dtype, Y=sz.dtype, MEAN=sz.acc, RSTD=sz.acc, GAMMA=sz.param, DY=sz.dtype, DGAMMA_PART=sz.acc,
         M=sz.b * sz.n, C=sz.c, stride_dqm=sz.c, stride_dqc=1,
         USE_LAYERNORM=USE_LAYERNORM, NEED_DY=NEED_DY, NEED_DGAMMA=NEED_DGAMMA, ACC=TORCH_TO_TL[sz.acc],
-        **query_norm_bwd_meta(sz.c),
     )
+
+
+def _dispatch_common(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool) -> dict:
+    return dict(Q=sz.dtype, K=sz.acc, MASK=_mask(sz, HAS_MASK), N=sz.n, P=sz.p, H=sz.h, **_drop(sz, HAS_DROP),
+                stride_qb=sz.n * sz.c, stride_qn=sz.c, HAS_MASK=HAS_MASK, HAS_DROP=HAS_DROP, DH=sz.dh,
+                **_precision(sz))
 
 
 def _dispatch_partial_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool) -> dict:
-    meta = _dispatch_meta(sz)
-    del meta["n_splits"]  # the grid's third dim
-    return dict(
-        Q=sz.dtype, K=sz.acc, MASK=_mask(sz, HAS_MASK), M_PART=sz.acc, L_PART=sz.acc, ACC_PART=sz.acc,
-        N=sz.n, P=sz.p, H=sz.h, n_per_split=meta.pop("n_per_split"), **_drop(sz, HAS_DROP),
-        stride_qb=sz.n * sz.c, stride_qn=sz.c, HAS_MASK=HAS_MASK, HAS_DROP=HAS_DROP, DH=sz.dh,
-        **_precision(sz), **meta,
-    )
+    return dict(M_PART=sz.acc, L_PART=sz.acc, ACC_PART=sz.acc, **SPLIT, **_dispatch_common(sz, HAS_MASK, HAS_DROP))
 
 
 def _dispatch_merge_args(sz: Sizes) -> dict:
-    meta = _dispatch_meta(sz)
-    return dict(
-        M_PART=sz.acc, L_PART=sz.acc, ACC_PART=sz.acc, Z=sz.acc, LSE=sz.acc, P=sz.p, n_splits=meta["n_splits"],
-        DH=sz.dh, BLOCK_P=meta["BLOCK_P"], BLOCK_D=meta["BLOCK_D"], ACC=TORCH_TO_TL[sz.acc],
-    )
+    return dict(M_PART=sz.acc, L_PART=sz.acc, ACC_PART=sz.acc, Z=sz.acc, LSE=sz.acc, P=sz.p, n_splits=11,
+                DH=sz.dh, ACC=TORCH_TO_TL[sz.acc])
 
 
 def _dispatch_bwd_dq_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool) -> dict:
     """dz, lse, delta and K in ACC; q and dq (B, N, C) contiguous in q's dtype."""
-    return dict(
-        Q=sz.dtype, K=sz.acc, DZ=sz.acc, LSE=sz.acc, DELTA=sz.acc, MASK=_mask(sz, HAS_MASK), DQ=sz.dtype,
-        N=sz.n, P=sz.p, H=sz.h, **_drop(sz, HAS_DROP), stride_qb=sz.n * sz.c, stride_qn=sz.c,
-        stride_dqb=sz.n * sz.c, stride_dqn=sz.c, HAS_MASK=HAS_MASK, HAS_DROP=HAS_DROP, DH=sz.dh,
-        **_precision(sz), **dispatch_dq_meta(sz.n, sz.p, sz.dh, sz.dtype),
-    )
+    return dict(DZ=sz.acc, LSE=sz.acc, DELTA=sz.acc, DQ=sz.dtype, stride_dqb=sz.n * sz.c, stride_dqn=sz.c,
+                **_dispatch_common(sz, HAS_MASK, HAS_DROP))
 
 
 def _dispatch_bwd_dk_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool) -> dict:
     """The partials' grid, as the forward's; dK partials in ACC."""
-    meta = dispatch_dk_meta(sz.n, sz.p, sz.dh, sz.b * sz.h, sz.dtype, H100_SM_COUNT)
-    del meta["n_splits"]
-    return dict(
-        Q=sz.dtype, K=sz.acc, DZ=sz.acc, LSE=sz.acc, DELTA=sz.acc, MASK=_mask(sz, HAS_MASK), DK_PART=sz.acc,
-        N=sz.n, P=sz.p, H=sz.h, n_per_split=meta.pop("n_per_split"), **_drop(sz, HAS_DROP),
-        stride_qb=sz.n * sz.c, stride_qn=sz.c, HAS_MASK=HAS_MASK, HAS_DROP=HAS_DROP, DH=sz.dh,
-        **_precision(sz), **meta,
-    )
+    return dict(DZ=sz.acc, LSE=sz.acc, DELTA=sz.acc, DK_PART=sz.acc, **SPLIT, **_dispatch_common(sz, HAS_MASK, HAS_DROP))
 
 
 def _slot_keep_mask_args(sz: Sizes) -> dict:
     """``slot_keep_mask``'s launch: an int8 (B, N, H, P) mask (tests and return_weights)."""
-    return dict(OUT=torch.int8, **_drop(sz, True), N=sz.n, H=sz.h, P=sz.p, **slot_keep_mask_meta())
+    return dict(OUT=torch.int8, **_drop(sz, True), N=sz.n, H=sz.h, P=sz.p)
 
 
-def _experts_args(sz: Sizes, SHARED: bool) -> dict:
-    return dict(
-        Z=sz.acc, A=sz.param, ABIAS=sz.param, BW=sz.param, CBIAS=sz.param, G=sz.param, Y=sz.acc, INV_NORM=sz.acc,
-        S=sz.s, H=sz.h, R=sz.r, DO=sz.do, SHARED=SHARED, DH=sz.dh, INPUT_PRECISION=INPUT_PRECISION,
-        ACC=TORCH_TO_TL[sz.acc], **experts_meta(sz.s, sz.dh, sz.r, sz.do),
-    )
+def _experts_common(sz: Sizes, SHARED: bool) -> dict:
+    """The projections run in the accumulator dtype; parameters in theirs."""
+    return dict(Z=sz.acc, A=sz.param, ABIAS=sz.param, BW=sz.param, S=sz.s, E=sz.e, H=sz.h, NS=-(-sz.s // 16),
+                SHARED=SHARED, DH=sz.dh, R=sz.r, DO=sz.do, INPUT_PRECISION=INPUT_PRECISION, ACC=TORCH_TO_TL[sz.acc])
 
 
-def _experts_bwd_args(sz: Sizes, SHARED: bool, PARAM_GRADS: bool, INPUT_GRAD: bool) -> dict:
-    """Z, dY, dZ, the inverse norms and the partials in ACC; parameters in their dtype."""
-    return dict(
-        Z=sz.acc, A=sz.param, ABIAS=sz.param, BW=sz.param, CBIAS=sz.param, G=sz.param, INV_NORM=sz.acc,
-        DY=sz.acc, DZ=sz.acc, DA_PART=sz.acc, DABIAS_PART=sz.acc, DBW_PART=sz.acc, DCBIAS_PART=sz.acc,
-        DG_PART=sz.acc, S=sz.s, H=sz.h, R=sz.r, DO=sz.do, SHARED=SHARED, DH=sz.dh, PARAM_GRADS=PARAM_GRADS,
-        INPUT_GRAD=INPUT_GRAD, INPUT_PRECISION=INPUT_PRECISION, ACC=TORCH_TO_TL[sz.acc],
-        **experts_bwd_meta(sz.s, sz.dh, sz.r, sz.do),
-    )
+def _experts_proj_args(sz: Sizes, SHARED: bool) -> dict:
+    return dict(CBIAS=sz.param, V=sz.acc, **_experts_common(sz, SHARED))
+
+
+def _experts_norm_args(sz: Sizes) -> dict:
+    return dict(V=sz.acc, G=sz.param, Y=sz.acc, INV_NORM=sz.acc, ROWS=sz.b * sz.p, P=sz.p, S=sz.s, D=sz.d,
+                BLOCK_ROWS=16, ACC=TORCH_TO_TL[sz.acc])
+
+
+def _experts_norm_bwd_args(sz: Sizes, PARAM_GRADS: bool) -> dict:
+    return dict(V=sz.acc, G=sz.param, INV_NORM=sz.acc, DY=sz.acc, DV=sz.acc, DG_PART=sz.acc, DC_PART=sz.acc,
+                S=sz.s, E=sz.e, D=sz.d, PARAM_GRADS=PARAM_GRADS, BLOCK_S=16, ACC=TORCH_TO_TL[sz.acc])
+
+
+def _experts_proj_bwd_args(sz: Sizes, SHARED: bool, PARAM_GRADS: bool, INPUT_GRAD: bool) -> dict:
+    return dict(DV=sz.acc, DZ_PART=sz.acc, DA_PART=sz.acc, DABIAS_PART=sz.acc, DBW_PART=sz.acc,
+                PARAM_GRADS=PARAM_GRADS, INPUT_GRAD=INPUT_GRAD, **_experts_common(sz, SHARED))
+
+
+def _combine_common(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool) -> dict:
+    return dict(Q=sz.dtype, K=sz.acc, Y=sz.acc, MASK=_mask(sz, HAS_MASK), N=sz.n, P=sz.p, H=sz.h,
+                **_drop(sz, HAS_DROP), stride_qb=sz.n * sz.c, stride_qn=sz.c, HAS_MASK=HAS_MASK, HAS_DROP=HAS_DROP,
+                DH=sz.dh, DO=sz.do, **_precision(sz))
 
 
 def _combine_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool) -> dict:
-    return dict(
-        Q=sz.dtype, K=sz.acc, Y=sz.acc, MASK=_mask(sz, HAS_MASK), OUT=sz.dtype, LSE=sz.acc, N=sz.n, P=sz.p, H=sz.h,
-        **_drop(sz, HAS_DROP), stride_qb=sz.n * sz.c, stride_qn=sz.c, stride_ob=sz.n * sz.d, stride_on=sz.d,
-        HAS_MASK=HAS_MASK, HAS_DROP=HAS_DROP, DH=sz.dh, DO=sz.do, **_precision(sz),
-        **combine_meta(sz.n, sz.p, sz.dh, sz.do, sz.dtype),
-    )
+    return dict(OUT=sz.dtype, LSE=sz.acc, stride_ob=sz.n * sz.d, stride_on=sz.d,
+                **_combine_common(sz, HAS_MASK, HAS_DROP))
 
 
 def _combine_bwd_dq_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool, NEED_DQ: bool) -> dict:
     """q, out, dO and dq (B, N, *) contiguous in the compute dtype; K, Y, LSE and delta_c in ACC."""
-    return dict(
-        Q=sz.dtype, K=sz.acc, Y=sz.acc, MASK=_mask(sz, HAS_MASK), OUT=sz.dtype, DOUT=sz.dtype, LSE=sz.acc,
-        DELTA=sz.acc, DQ=sz.dtype, N=sz.n, P=sz.p, H=sz.h, **_drop(sz, HAS_DROP), stride_qb=sz.n * sz.c,
-        stride_qn=sz.c, stride_dqb=sz.n * sz.c, stride_dqn=sz.c, HAS_MASK=HAS_MASK, HAS_DROP=HAS_DROP,
-        NEED_DQ=NEED_DQ, DH=sz.dh, DO=sz.do, **_precision(sz),
-        **combine_dq_meta(sz.n, sz.p, sz.dh, sz.do, sz.dtype),
-    )
+    return dict(OUT=sz.dtype, DOUT=sz.dtype, LSE=sz.acc, DELTA=sz.acc, DQ=sz.dtype, stride_dqb=sz.n * sz.c,
+                stride_dqn=sz.c, NEED_DQ=NEED_DQ, **_combine_common(sz, HAS_MASK, HAS_DROP))
 
 
 def _combine_bwd_dkdy_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool, NEED_DK: bool, NEED_DY: bool) -> dict:
-    """dK and dY partials in ACC, on the split-n grid."""
-    meta = combine_dkdy_meta(sz.n, sz.p, sz.dh, sz.do, sz.b * sz.h, sz.dtype, H100_SM_COUNT)
-    del meta["n_splits"]
-    return dict(
-        Q=sz.dtype, K=sz.acc, MASK=_mask(sz, HAS_MASK), DOUT=sz.dtype, LSE=sz.acc, DELTA=sz.acc, Y=sz.acc,
-        DK_PART=sz.acc, DY_PART=sz.acc, N=sz.n, P=sz.p, H=sz.h, n_per_split=meta.pop("n_per_split"),
-        **_drop(sz, HAS_DROP), stride_qb=sz.n * sz.c, stride_qn=sz.c, HAS_MASK=HAS_MASK, HAS_DROP=HAS_DROP,
-        NEED_DK=NEED_DK, NEED_DY=NEED_DY, DH=sz.dh, DO=sz.do, **_precision(sz), **meta,
-    )
+    """dK and dY partials in ACC, on the split-n grid; an absent one is the LSE standing in."""
+    return dict(DOUT=sz.dtype, LSE=sz.acc, DELTA=sz.acc, DK_PART=sz.acc, DY_PART=sz.acc, NEED_DK=NEED_DK,
+                NEED_DY=NEED_DY, **SPLIT, **_combine_common(sz, HAS_MASK, HAS_DROP))
 
 
 @dataclass(frozen=True)
 class Kernel:
     module: str  # file in kernels/
     name: str  # the @triton.jit function
-    args: Callable[..., dict]  # (Sizes, **flags) -> every kernel argument, and the launch options
+    args: Callable[..., dict]  # (Sizes, **flags) -> every kernel argument but the tile sizes and launch options
+    metas: Callable[["Sizes"], list]  # Sizes -> the launcher's candidate tile sizes and launch options, in order
     flags: dict = field(default_factory=dict)  # constexpr flag -> the values to compile
-    launched: Callable[..., bool] = lambda **flags: True  # (**flags) -> whether a launcher passes the combo
+    launched: Callable[..., bool] = lambda sz, **flags: True  # (Sizes, **flags) -> whether a launcher passes it
 
 
-def _any_output(NEED_DY: bool, NEED_DGAMMA: bool, **_) -> bool:
+def _any_output(sz, NEED_DY: bool, NEED_DGAMMA: bool, **_) -> bool:
     return NEED_DY or NEED_DGAMMA
 
 
-def _any_grad(PARAM_GRADS: bool, INPUT_GRAD: bool, **_) -> bool:
+def _any_grad(sz, PARAM_GRADS: bool, INPUT_GRAD: bool, **_) -> bool:
     return PARAM_GRADS or INPUT_GRAD
 
 
-def _dk_or_dy(NEED_DK: bool, NEED_DY: bool, **_) -> bool:
+def _dk_or_dy(sz, NEED_DK: bool, NEED_DY: bool, **_) -> bool:
     return NEED_DK or NEED_DY
 
 
+def _fused_query(sz, **_) -> bool:
+    return sz.c <= FUSED_MAX_C
+
+
+def _gemm_then_norm(sz, **_) -> bool:
+    return sz.c > FUSED_MAX_C
+
+
 MASK_DROP = {"HAS_MASK": (False, True), "HAS_DROP": (False, True)}
+NORM = {"USE_LAYERNORM": (True, False), "STORE_Y": (True, False)}
+def _heads(metas):
+    """A candidates function of (p, dh, do, dtype) as one of Sizes."""
+    return lambda sz: metas(sz.p, sz.dh, sz.do, sz.dtype)
+
+
+def _slots(metas):
+    """A candidates function of (p, dh, dtype) as one of Sizes."""
+    return lambda sz: metas(sz.p, sz.dh, sz.dtype)
+
+
 KERNELS = (
-    Kernel("query", "_query_fwd_kernel", _query_args, {"USE_LAYERNORM": (True, False), "STORE_Y": (True, False)}),
+    Kernel("query", "_query_fwd_kernel", _query_args,
+           lambda sz: candidates(query_meta(sz.c, sz.dtype), ("BLOCK_M", "BLOCK_K")), NORM, _fused_query),
+    Kernel("query", "_query_norm_fwd_kernel", _query_norm_fwd_args,
+           lambda sz: candidates(query_rows_meta(sz.c, sz.dtype), ("BLOCK_M",)), NORM, _gemm_then_norm),
     Kernel("query", "_query_norm_bwd_kernel", _query_norm_bwd_args,
+           lambda sz: candidates(query_rows_meta(sz.c, sz.dtype), ("BLOCK_M",)),
            {"USE_LAYERNORM": (True, False), "NEED_DY": (True, False), "NEED_DGAMMA": (True, False)}, _any_output),
-    Kernel("dispatch", "_dispatch_partial_kernel", _dispatch_partial_args, MASK_DROP),
-    Kernel("dispatch", "_dispatch_merge_kernel", _dispatch_merge_args),
-    Kernel("dispatch", "_dispatch_bwd_dq_kernel", _dispatch_bwd_dq_args, MASK_DROP),
-    Kernel("dispatch", "_dispatch_bwd_dk_kernel", _dispatch_bwd_dk_args, MASK_DROP),
-    Kernel("_slot_dropout", "_slot_keep_mask_kernel", _slot_keep_mask_args),
-    Kernel("experts", "_experts_fwd_kernel", _experts_args, {"SHARED": (True, False)}),
-    Kernel("experts", "_experts_bwd_kernel", _experts_bwd_args,
+    Kernel("dispatch", "_dispatch_partial_kernel", _dispatch_partial_args, _slots(dispatch_metas), MASK_DROP),
+    Kernel("dispatch", "_dispatch_merge_kernel", _dispatch_merge_args, _slots(dispatch_merge_metas)),
+    Kernel("dispatch", "_dispatch_bwd_dq_kernel", _dispatch_bwd_dq_args, _slots(dispatch_dq_metas), MASK_DROP),
+    Kernel("dispatch", "_dispatch_bwd_dk_kernel", _dispatch_bwd_dk_args, _slots(dispatch_dk_metas), MASK_DROP),
+    Kernel("_slot_dropout", "_slot_keep_mask_kernel", _slot_keep_mask_args, lambda sz: [slot_keep_mask_meta()]),
+    Kernel("experts", "_experts_proj_kernel", _experts_proj_args,
+           lambda sz: experts_proj_metas(sz.s, sz.dh, sz.r, sz.do, sz.acc), {"SHARED": (True, False)}),
+    Kernel("experts", "_experts_norm_kernel", _experts_norm_args, lambda sz: experts_norm_metas(sz.d)),
+    Kernel("experts", "_experts_norm_bwd_kernel", _experts_norm_bwd_args, lambda sz: experts_norm_metas(sz.d),
+           {"PARAM_GRADS": (True, False)}),
+    Kernel("experts", "_experts_proj_bwd_kernel", _experts_proj_bwd_args,
+           lambda sz: experts_proj_bwd_metas(sz.s, sz.dh, sz.r, sz.do, sz.acc),
            {"SHARED": (True, False), "PARAM_GRADS": (True, False), "INPUT_GRAD": (True, False)}, _any_grad),
-    Kernel("combine", "_combine_fwd_kernel", _combine_args, MASK_DROP),
-    Kernel("combine", "_combine_bwd_dq_kernel", _combine_bwd_dq_args, {**MASK_DROP, "NEED_DQ": (True, False)}),
-    Kernel("combine", "_combine_bwd_dkdy_kernel", _combine_bwd_dkdy_args,
+    Kernel("combine", "_combine_fwd_kernel", _combine_args, _heads(combine_metas), MASK_DROP),
+    Kernel("combine", "_combine_bwd_dq_kernel", _combine_bwd_dq_args, _heads(combine_dq_metas),
+           {**MASK_DROP, "NEED_DQ": (True, False)}),
+    Kernel("combine", "_combine_bwd_dkdy_kernel", _combine_bwd_dkdy_args, _heads(combine_dkdy_metas),
            {**MASK_DROP, "NEED_DK": (True, False), "NEED_DY": (True, False)}, _dk_or_dy),
 )
 
@@ -320,13 +366,12 @@ def _compiles_here() -> bool:
     return not interpreting() and all(isinstance(fn, JITFunction) for fn in fns)
 
 
-def _run_in_child(workers: int | None) -> list[dict]:
-    """The rows of ``python -m mammoth_fast.compile_check`` run without TRITON_INTERPRET."""
+def _run_in_child(args: list[str]) -> list[dict]:
+    """The rows of ``python -m mammoth_fast.compile_check <args>`` run without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
-        jobs = ["--jobs", str(workers)] if workers else []
-        proc = subprocess.run([sys.executable, "-m", MODULE, "--json", str(out), *jobs], env=env,
+        proc = subprocess.run([sys.executable, "-m", MODULE, "--json", str(out), *args], env=env,
                               capture_output=True, text=True)
         if not out.is_file():
             raise RuntimeError(f"compile_check: the child process failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -363,27 +408,23 @@ def _binary_facts(cubin: bytes, ptx: str) -> dict:
 
 def _problems(row: dict) -> list[str]:
     problems = []
-    if row["spill_bytes"]:
+    if row["spill_bytes"] and row["dtypes"] != ["float64"]:  # fp64 (gradcheck only): spills cost speed alone
         problems.append(f"spills {row['spill_bytes']} bytes per thread")
     if row["shared"] is not None and row["shared"] > H100_SMEM_PER_BLOCK:
         problems.append(f"shared memory {row['shared']} B > {H100_SMEM_PER_BLOCK} B")
     return problems
 
 
-def _check(job: Job, cases: list, fn: JITFunction) -> dict:
-    row = dict(
-        kernel=job.name,
-        dtypes=list(dict.fromkeys(str(dtype).removeprefix("torch.") for dtype, _ in cases)),
-        n=list(dict.fromkeys(n for _, n in cases)),
-        constexprs={k: v for k, v in job.constexprs if isinstance(v, bool) or k.startswith("BLOCK_")},
-        num_warps=None, num_stages=None, n_regs=None, spill_bytes=None, shared=None, tensor_cores=None,
-        problems=[],
-    )
+def _compile_row(job: Job, fn: JITFunction) -> dict:
+    """Registers, spills, shared memory, tensor cores and problems of one compile."""
+    row = dict(constexprs={k: v for k, v in job.constexprs if isinstance(v, bool) or k.startswith(("BLOCK_", "NUM_"))
+                           or k in ("DH", "DO", "R", "D")},
+               num_warps=None, num_stages=None, n_regs=None, spill_bytes=None, shared=None, tensor_cores=None)
     start = time.perf_counter()
     try:
         compiled = _compile(job, fn)
     except Exception as err:  # noqa: BLE001 - any compile failure is a reported result
-        row["problems"] = [f"compile error: {type(err).__name__}: {err}"]
+        row["error"] = f"compile error: {type(err).__name__}: {str(err)[-400:]}"
         return row
     finally:
         row["seconds"] = round(time.perf_counter() - start, 2)
@@ -392,40 +433,80 @@ def _check(job: Job, cases: list, fn: JITFunction) -> dict:
                **_binary_facts(compiled.asm["cubin"], compiled.asm["ptx"]))
     if "tt.dot" not in compiled.asm["ttir"]:
         row["tensor_cores"] = None  # no dots: n/a
-    row["problems"] = _problems(row)
     return row
 
 
-def _flag_combos(kernel: Kernel):
-    """The flag combinations a launcher passes."""
+def _check(jobs: tuple, cases: list, fn: JITFunction) -> dict:
+    """Compiles the launcher's candidates (``jobs``, in its order) until one
+    has no problem, as ``_launch.choose`` does on a GPU: the row of that one
+    (``candidate``: its place), or of the last, whose problems then fail the check."""
+    seconds = 0.0
+    for i, job in enumerate(jobs):
+        row = _compile_row(job, fn)
+        row.update(kernel=job.name, dtypes=list(dict.fromkeys(dtype for dtype, _ in cases)),
+                   sizes=list(dict.fromkeys(size for _, size in cases)), candidate=f"{i + 1}/{len(jobs)}")
+        seconds += row["seconds"]
+        row["problems"] = [row.pop("error")] if "error" in row else _problems(row)
+        if not row["problems"]:
+            break
+    row["seconds"] = round(seconds, 2)
+    return row
+
+
+def _flag_combos(kernel: Kernel, sz: Sizes, hardest: bool):
+    """The flag combinations a launcher passes at this size (``hardest``: the one
+    with every flag on that it passes, or the closest to it)."""
     combos = [dict(zip(kernel.flags, values)) for values in itertools.product(*kernel.flags.values())]
-    return [flags for flags in combos if kernel.launched(**flags)]
+    combos = [flags for flags in combos if kernel.launched(sz, **flags)]
+    if hardest and combos:
+        return [max(combos, key=lambda flags: sum(map(bool, flags.values())))]
+    return combos
 
 
-def _check_in_worker(job: Job, cases: list, module: str) -> dict:
+def _check_in_worker(jobs: tuple, cases: list, module: str) -> dict:
     """``_check`` in a worker process: the kernel found again by its file and name."""
-    return _check(job, cases, getattr(importlib.import_module(f"{PACKAGE}.{module}"), job.name))
+    return _check(jobs, cases, getattr(importlib.import_module(f"{PACKAGE}.{module}"), jobs[0].name))
 
 
 def _workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def run_checks(workers: int | None = None) -> list[dict]:
-    """Compile every (kernel, N, dtype, flags) case for sm_90a, each distinct
+def plan(sizes=SIZE_MATRIX, hardest: bool = False, hardest_beyond_recommended: bool = False) -> list:
+    """[(Sizes, hardest)] to check: every size in fp32 and bf16, fp64 at
+    FP64_SIZES; ``hardest_beyond_recommended``: all variants at the recommended
+    size, the hardest elsewhere (what the tests run)."""
+    out = []
+    for size in sizes:
+        dtypes = DTYPES + ((torch.float64,) if size in FP64_SIZES else ())
+        for dtype in dtypes:
+            for n in N_VALUES.get(size, (100_000,)):
+                only_hardest = hardest or (hardest_beyond_recommended and size != RECOMMENDED)
+                out.append((Sizes.of(size, n, dtype), only_hardest))
+    return out
+
+
+def run_checks(workers: int | None = None, sizes=SIZE_MATRIX, hardest: bool = False,
+               hardest_beyond_recommended: bool = False) -> list[dict]:
+    """Compile every (kernel, size, dtype, flags) case for sm_90a, each distinct
     job once, on ``workers`` processes (default: one per available CPU); one
     row per job. A row with ``problems`` fails the check."""
     if not _compiles_here():
-        return _run_in_child(workers)
+        args = [*(["--jobs", str(workers)] if workers else []), *(["--hardest"] if hardest else []),
+                *(["--hardest-beyond-recommended"] if hardest_beyond_recommended else []),
+                "--sizes", *(format_size(s) for s in sizes)]
+        return _run_in_child(args)
     jobs, modules = {}, {}
-    for kernel in KERNELS:
-        fn = _kernel_function(kernel)
-        modules[kernel.name] = kernel.module
-        for n, dtype in itertools.product(N_VALUES, DTYPES):
-            for flags in _flag_combos(kernel):
-                job = _job(kernel, fn, kernel.args(Sizes(n=n, dtype=dtype), **flags))
-                jobs.setdefault(job, []).append((dtype, n))
-    args = [(job, cases, modules[job.name]) for job, cases in jobs.items()]
+    for sz, only_hardest in plan(sizes, hardest, hardest_beyond_recommended):
+        for kernel in KERNELS:
+            fn = _kernel_function(kernel)
+            modules[kernel.name] = kernel.module
+            metas = kernel.metas(sz)
+            for flags in _flag_combos(kernel, sz, only_hardest):
+                args = kernel.args(sz, **flags)
+                unit = tuple(_job(kernel, fn, {**args, **meta}) for meta in metas)
+                jobs.setdefault(unit, []).append((str(sz.dtype).removeprefix("torch."), sz.describe()))
+    args = [(unit, cases, modules[unit[0].name]) for unit, cases in jobs.items()]
     workers = min(workers or _workers(), len(args))
     if workers <= 1:
         return [_check_in_worker(*a) for a in args]
@@ -434,41 +515,75 @@ def run_checks(workers: int | None = None) -> list[dict]:
         return list(pool.map(_check_in_worker, *zip(*args)))
 
 
+def format_size(sz: LayerSizes) -> str:
+    return f"din={sz.din},d={sz.d},c={sz.c},h={sz.h},e={sz.e},s={sz.s},r={sz.r}"
+
+
+def parse_size(text: str) -> LayerSizes:
+    """'din=1024,d=512,c=256,h=16,e=30,s=10[,r=17]' -> LayerSizes (r: auto_rank when left out)."""
+    names = {"din": "din", "d": "d", "c": "c", "h": "h", "e": "e", "s": "s", "r": "rank"}
+    try:
+        given = {names[k.strip()]: int(v) for k, v in (item.split("=") for item in text.split(",") if item)}
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"--sizes {text!r}: use din=..,d=..,c=..,h=..,e=..,s=..[,r=..] "
+                                         "(integers)") from None
+    size = LayerSizes(**given)
+    problems = [msg for bad, msg in ((size.c % size.h, "c % h != 0"), (size.d % size.h, "d % h != 0"),
+                                     (size.r < 1, f"rank {size.r} < 1 (give r=..)")) if bad]
+    if problems:
+        raise argparse.ArgumentTypeError(f"--sizes {text!r}: {'; '.join(problems)}")
+    return size
+
+
 def _na(value) -> str:
     return "n/a" if value is None else str(value)
 
 
 def _what(row: dict) -> tuple[str, str, str, str]:
-    """kernel, dtypes, N and the shown constexprs of a row, as text."""
+    """kernel, dtypes, sizes (their count, past 1) and the shown constexprs of a row, as text."""
     flags = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in row["constexprs"].items())
-    return row["kernel"], ",".join(row["dtypes"]), ",".join(map(str, row["n"])), flags
+    sizes = row["sizes"][0] if len(row["sizes"]) == 1 else f"{len(row['sizes'])} sizes"
+    return row["kernel"], ",".join(row["dtypes"]), sizes, flags
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("kernel", "dtype", "N", "constexprs", "warps", "stages", "regs", "spill B", "smem B", "TC")
-    body = [(*_what(r), *map(_na, (r["num_warps"], r["num_stages"], r["n_regs"], r["spill_bytes"], r["shared"])),
+    head = ("kernel", "dtype", "size", "constexprs", "cand.", "warps", "stages", "regs", "spill B", "smem B", "TC")
+    body = [(*_what(r), r["candidate"],
+             *map(_na, (r["num_warps"], r["num_stages"], r["n_regs"], r["spill_bytes"], r["shared"])),
              {True: "yes", False: "no", None: "n/a"}[r["tensor_cores"]]) for r in rows]
     widths = [max(len(line[i]) for line in (head, *body)) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in (head, *body))
 
 
 def failures(rows: list[dict]) -> list[str]:
-    """One line per failed row: what was compiled, and what is wrong."""
-    return [f"FAIL {' '.join(_what(r))}: {'; '.join(r['problems'])}" for r in rows if r["problems"]]
+    """One line per failed row: what was compiled, at which sizes, and what is wrong."""
+    return [f"FAIL {' '.join(_what(r)[:2])} {r['constexprs']} at {'; '.join(r['sizes'])}: {'; '.join(r['problems'])}"
+            for r in rows if r["problems"]]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mammoth_fast.compile_check", description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=parse_size, nargs="+", metavar="din=..,d=..,c=..,h=..,e=..,s=..[,r=..]",
+                        help="check these layer sizes instead of the default matrix (r: the LoRA rank, "
+                             "auto_rank's when left out)")
+    parser.add_argument("--hardest", action="store_true",
+                        help="compile only the flag variant with every flag on (the most registers) of each kernel")
+    parser.add_argument("--hardest-beyond-recommended", action="store_true",
+                        help="every variant at the recommended size, the hardest at the others (the tests' check)")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     parser.add_argument("--jobs", type=int, help="compile processes (default: one per available CPU)")
     args = parser.parse_args(argv)
+    sizes = tuple(args.sizes) if args.sizes else SIZE_MATRIX
     if not _tool("cuobjdump"):
         print("compile_check: cuobjdump not found: registers and spills are n/a")
     start = time.perf_counter()
-    rows = run_checks(args.jobs)
+    rows = run_checks(args.jobs, sizes, args.hardest, args.hardest_beyond_recommended)
     print(format_table(rows))
-    print(f"{len(rows)} compile jobs for sm_90a in {time.perf_counter() - start:.1f} s on {args.jobs or _workers()} "
-          f"processes ({sum(r['seconds'] for r in rows):.1f} s of compiling; triton {triton.__version__})")
+    print(f"{len(rows)} kernel variants compiled for sm_90a over {len(sizes)} layer sizes in {time.perf_counter() - start:.1f} s "
+          f"on {args.jobs or _workers()} processes ({sum(r.get('seconds', 0) for r in rows):.1f} s of compiling; "
+          f"triton {triton.__version__})")
+    for size in sizes:
+        print(f"  {format_size(size)} (dh {size.dh}, do {size.do})")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     print(*failures(rows), sep="\n")

@@ -30,10 +30,7 @@ from .dtypes import compute_dtype
 from .kernels import _launch
 from .kernels._ops import combine_forward, dispatch_forward, experts_forward, query_forward
 from .kernels._slot_dropout import slot_keep_mask
-from .kernels.combine import CombineFunction
-from .kernels.dispatch import DispatchFunction
-from .kernels.experts import ExpertsFunction
-from .kernels.query import QueryFunction
+from .kernels.autograd import CombineFunction, DispatchFunction, ExpertsFunction, QueryFunction
 
 SEED_RANGE = 2**31 - 1
 
@@ -76,7 +73,7 @@ def forward(layer, feats: Tensor, mask: Optional[Tensor], return_weights: bool):
         y = ExpertsFunction.apply(z, *lora)  # (B, P, D)
     else:
         z, lse_d = dispatch_forward(q, k, mask, drop)
-        y, _ = experts_forward(z, *lora)
+        y = experts_forward(z, *lora)[0]
     dropout = layer.expert_heads.dropout.p
     if layer.training and dropout > 0:  # (B, P, D): small, plain PyTorch
         y = y * (torch.rand_like(y) >= dropout) / (1.0 - dropout)

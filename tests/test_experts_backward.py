@@ -9,7 +9,8 @@ import torch
 
 from conftest import DEVICE, make_layer, rel_err
 from mammoth_fast import reference
-from mammoth_fast.kernels.experts import ExpertsFunction, experts, experts_backward, experts_forward
+from mammoth_fast.kernels.autograd import ExpertsFunction, experts
+from mammoth_fast.kernels.experts import experts_backward, experts_forward
 
 FP32_GRAD_TOL = 1e-4
 NAMES = ("z", "shared_weight", "shared_bias", "expert_weights", "expert_bias", "expert_gamma")
@@ -87,12 +88,12 @@ def test_backward_launcher_skips_what_is_not_needed():
     _, inputs, dy = random_inputs("small", True, bsz=2, seed=34)
     z, *prms = [t.float().to(DEVICE) for t in inputs]
     dy = dy.float().to(DEVICE)
-    inv_norm = experts_forward(z, *prms)[1]
-    dz_only = experts_backward(dy, z, *prms, inv_norm, need_param_grads=False)
-    params_only = experts_backward(dy, z, *prms, inv_norm, need_dz=False)
+    _, inv_norm, v = experts_forward(z, *prms)
+    dz_only = experts_backward(dy, z, *prms, v, inv_norm, need_param_grads=False)
+    params_only = experts_backward(dy, z, *prms, v, inv_norm, need_dz=False)
     assert dz_only[0] is not None and all(g is None for g in dz_only[1:])
     assert params_only[0] is None and all(g is not None for g in params_only[1:])
-    assert torch.equal(dz_only[0], experts_backward(dy, z, *prms, inv_norm)[0])
+    assert torch.equal(dz_only[0], experts_backward(dy, z, *prms, v, inv_norm)[0])
 
 
 @pytest.mark.parametrize("share", [True, False])

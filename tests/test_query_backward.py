@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import DEVICE, SIZES, make_layer, rel_err
 from mammoth_fast import reference
 from mammoth_fast.kernels import query
-from mammoth_fast.kernels.query import QueryFunction
+from mammoth_fast.kernels.autograd import QueryFunction
 
 FP32_GRAD_TOL = 1e-4
 ROWS = 300  # several row blocks in both kernels at every size

@@ -14,8 +14,7 @@ from mammoth_fast.kernels import combine as combine_mod
 from mammoth_fast.kernels import dispatch as dispatch_mod
 from mammoth_fast.kernels import experts as experts_mod
 from mammoth_fast.kernels._slot_dropout import slot_keep_mask
-from mammoth_fast.kernels.combine import combine
-from mammoth_fast.kernels.dispatch import dispatch
+from mammoth_fast.kernels.autograd import combine, dispatch
 
 SEED = 987654  # the slot-dropout seed the tests pin
 

@@ -64,10 +64,10 @@ def chain(layer, x):
     k = reference.slot_keys(p, torch.float32).contiguous()
     lora = (p.shared_weight, p.shared_bias, p.expert_weights, p.expert_bias, p.expert_gamma)
     z, lse_d = _ops.dispatch_forward(q, k, None, drop)
-    y, inv_norm = _ops.experts_forward(z, *lora)
+    y, inv_norm, v = _ops.experts_forward(z, *lora)
     o, lse_c = _ops.combine_forward(q, k, y, None, x.dtype, drop)
     dq_c, dk_c, dy = _ops.combine_backward(out, q, k, y, o, lse_c, None, drop, True, True, True)
-    dz, *dlora = _ops.experts_backward(dy, z, *lora, inv_norm, True, True)
+    dz, *dlora = _ops.experts_backward(dy, z, *lora, v, inv_norm, True, True)
     dq_d, dk_d = _ops.dispatch_backward(dz, q, k, z, lse_d, None, drop, True, True)
     dy_pre, dgamma = _ops.query_norm_backward((dq_c + dq_d).reshape(bsz * n, -1), y_pre, mean, rstd, p.norm_gamma,
                                               p.use_layernorm, True, True)
@@ -84,8 +84,9 @@ class Chain(torch.nn.Module):
 
 
 def main() -> None:
-    triton.runtime.driver.set_active(Sm90Driver())
-    torch.cuda.get_device_properties = lambda device: SimpleNamespace(multi_processor_count=132)  # an H100's
+    if not torch.cuda.is_available():  # no GPU: fake what torch asks of one (on a GPU, the real ones answer)
+        triton.runtime.driver.set_active(Sm90Driver())
+        torch.cuda.get_device_properties = lambda device: SimpleNamespace(multi_processor_count=132)  # an H100's
     graphs = []
 
     def capture(gm, example_inputs):
