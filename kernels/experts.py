@@ -340,7 +340,7 @@ def experts_backward(dy, z, shared_weight, shared_bias, expert_weights, expert_b
                                    if need_param_grads else (z, z, z))
     launch(_experts_proj_bwd_kernel, (num_r, e * h, bsz * ns), DZ_PART=dz_part, DA_PART=da_part,
            DABIAS_PART=dab_part, DBW_PART=dbw_part, **args, **meta)
-    dz = (dz_part[0] if num_r == 1 else dz_part.sum(0)).to(z.dtype) if need_dz else None
+    dz = (dz_part.view(z.shape) if num_r == 1 else dz_part.sum(0)).to(z.dtype) if need_dz else None
     if not need_param_grads:
         return dz, None, None, None, None, None
     shared = shared_weight.dim() == 3

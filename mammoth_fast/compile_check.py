@@ -480,7 +480,9 @@ def plan(sizes=SIZE_MATRIX, hardest: bool = False, hardest_beyond_recommended: b
     for size in sizes:
         dtypes = DTYPES + ((torch.float64,) if size in FP64_SIZES else ())
         for dtype in dtypes:
-            for n in N_VALUES.get(size, (100_000,)):
+            # the tests' check: one bag size (N % 16 == 0) at the recommended size too
+            ns = (100_000,) if hardest_beyond_recommended else N_VALUES.get(size, (100_000,))
+            for n in ns:
                 only_hardest = hardest or (hardest_beyond_recommended and size != RECOMMENDED)
                 out.append((Sizes.of(size, n, dtype), only_hardest))
     return out

@@ -105,7 +105,9 @@ def test_roofline_counts():
     assert lin[0].flops == 2 * n * 1024 * 512
     t = roofline.totals(n, torch.bfloat16, True)
     assert t["linear_train"] > t["linear_fwd"] > 0 and t["mammoth_train"] > t["mammoth_fwd"] > 0
-    assert "GPU measurements are pending" in roofline.document(n)
+    assert "occupancy" in roofline.document(n)
+    h200 = roofline.machine_for("NVIDIA H200", 132)
+    assert h200.bytes_per_s > roofline.H100.bytes_per_s and roofline.machine_for("NVIDIA H100 80GB HBM3", 132) == roofline.H100
 
 
 def test_launcher_cases_run_and_map_to_roofline_kernels():

@@ -64,16 +64,17 @@ def test_dispatch_kernel(size, n, masked):
 
 
 def test_dispatch_kernel_splits_the_bag_across_programs():
-    # a long bag on the interpreter's 4 "SMs": several n-chunks, merged by log-sum-exp
-    from mammoth_fast.kernels._launch import split_n
+    # a long bag cut into fixed chunks of 32 tiles: several n-chunks, merged by log-sum-exp
+    from mammoth_fast.kernels import _launch
     from mammoth_fast.kernels.dispatch import dispatch_meta
 
     meta = dispatch_meta(12, 4, torch.float32)
-    assert split_n(5000, meta["BLOCK_N"], 4, 4)[0] > 1
     layer = make_layer("small", seed=22)
     x = torch.randn(1, 5000, SIZES["small"]["input_dim"], dtype=torch.float64)
     _, inter = reference_run(layer, x)
-    z, lse = dispatch_forward(inter["q"].float().to(DEVICE), inter["K"].float().contiguous().to(DEVICE), None)
+    with _launch.fixed_chunks():
+        assert _launch.split_n(5000, meta["BLOCK_N"], 4, 4)[0] == 5
+        z, lse = dispatch_forward(inter["q"].float().to(DEVICE), inter["K"].float().contiguous().to(DEVICE), None)
     assert rel_err(z.cpu(), inter["Z"]) <= FP32_OUT_TOL
     assert rel_err(lse.cpu(), torch.logsumexp(inter["L"], dim=1)) <= FP32_OUT_TOL
 
