@@ -191,7 +191,8 @@ def machine(chk: Check) -> dict:
     from benchmarks.run import device_slug, machine_info, versions
 
     info = machine_info(chk.device)
-    out = dict(machine=info, versions=versions(), device_count=torch.cuda.device_count())
+    out = dict(machine=info, versions={**versions(), "source_sha256": source_hash()},
+               device_count=torch.cuda.device_count())
     smi = shutil.which("nvidia-smi")
     if smi:
         q = "name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit"
@@ -212,6 +213,18 @@ def machine(chk: Check) -> dict:
     chk.slug = device_slug(info)
     out["status"] = "ok"
     return out
+
+
+def source_hash() -> str:
+    """sha256 of the Python sources that run (kernels/, mammoth_fast/, benchmarks/, tests/), paths and
+    contents: names the tree measured even where the checkout's git metadata is not the tree's
+    (``python -c "from benchmarks.gpu_check import source_hash; print(source_hash())"`` at a commit)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for d in ("kernels", "mammoth_fast", "benchmarks", "tests") for p in (ROOT / d).rglob("*.py")):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def tests(chk: Check) -> dict:
@@ -318,13 +331,15 @@ def accuracy(chk: Check) -> dict:
                 errs[backend] = {"out": _rel(out, out_ref), **{n: _rel(a, b) for n, a, b in zip(names, grads, grads_ref)}}
             for tensor in errs["triton"]:
                 t, e = errs["triton"][tensor], errs["eager"][tensor]
-                if mode == "bf16":  # as tests/test_triton_backward.py's test_half_autocast_grads
-                    limit, rule = max(2 * e, 1e-3), "<= 2x eager bf16 (>= 1e-3), <= 2e-2 where eager is"
+                out = tensor == "out"
+                if mode == "bf16":  # FlashAttention's rule; SPEC's 2e-2 cap on the output (eager's gradients pass it)
+                    limit, rule = (min(max(2 * e, 1e-3), 2e-2), "<= 2x eager bf16, <= 2e-2") if out else (
+                        max(2 * e, 1e-3), "<= 2x eager bf16")
                 elif mode == "fp32-ieee":
-                    limit, rule = (1e-5 if tensor == "out" else 1e-4), "SPEC fp32 IEEE"
-                else:
-                    limit, rule = 2e-3, "SPEC TF32"
-                ok = t <= limit and (mode != "bf16" or t <= 2e-2 or e > 2e-2)
+                    limit, rule = (1e-5 if out else 1e-4), "SPEC fp32 IEEE"
+                else:  # SPEC's 2e-3 on the output; gradients as bf16's rule (eager's TF32 gradients miss 2e-3)
+                    limit, rule = (2e-3, "SPEC TF32") if out else (max(2 * e, 1e-3), "<= 2x eager TF32")
+                ok = t <= limit
                 rows.append(dict(keep_slots=keep_slots, mode=mode, tensor=tensor, triton=t, eager=e, limit=limit,
                                  rule=rule, ok=bool(ok)))
     bad = [r for r in rows if not r["ok"]]
@@ -375,7 +390,8 @@ def compile_step(chk: Check) -> dict:
         with torch.profiler.profile() as prof:
             step(compiled)
             torch.cuda.synchronize()
-        kernels = sorted({e.name for e in prof.events() if "_kernel" in e.name and e.name.startswith("_")})
+        ours = {k.fn.__name__ for kernels in _ops_kernels() for k in kernels}
+        kernels = sorted({name for e in prof.events() for name in ours if name in e.name})
         eager_ms = triton.testing.do_bench(lambda: step(net), warmup=10, rep=50, return_mode="median")
         compiled_ms = triton.testing.do_bench(lambda: step(compiled), warmup=10, rep=50, return_mode="median")
         out[f"keep_slots={keep_slots}"] = dict(
@@ -386,6 +402,16 @@ def compile_step(chk: Check) -> dict:
              for k, v in out.items() if k.startswith("keep_slots"))
     out["status"] = "ok" if ok else "failed"
     return out
+
+
+def _ops_kernels():
+    """The kernels each mammoth_fast operator declares it launches."""
+    import torch
+
+    from mammoth_fast.kernels import _ops
+
+    table = getattr(torch._library.triton, "triton_ops_to_kernels", {})
+    return [table.get(f"{_ops.NS}::{name}", []) for name in _ops.OPS]
 
 
 def bench(chk: Check) -> dict:
@@ -513,7 +539,8 @@ def markdown(res: dict) -> str:
         info, v = m["machine"], m["versions"]
         lines += [f"{info.get('gpu')} ({info.get('gpu_sm_count')} SMs, {info.get('gpu_memory_gib')} GiB), CUDA "
                   f"{info.get('cuda')}; torch {v.get('torch')}, triton {v.get('triton')}, python {v.get('python')}; "
-                  f"commit {v.get('git_commit')}{' (modified: ' + ', '.join(v['git_modified_files']) + ')' if v.get('git_modified_files') else ''}.",
+                  f"commit {v.get('git_commit')}{' (modified: ' + ', '.join(v['git_modified_files']) + ')' if v.get('git_modified_files') else ''}"
+                  f"; sources sha256 {str(v.get('source_sha256'))[:16]}.",
                   f"Measured ceilings: copy {m['copy_tb_per_s']:.2f} TB/s (read + write), bf16 matmul "
                   f"{m['bf16_matmul_tflops']:.0f} TFLOP/s (8192^3).", ""]
     lines += ["| section | status | seconds | what |", "|---|---|--:|---|"]

@@ -224,15 +224,24 @@ def _occupancy(n_regs: int, shared: int, num_warps: int, props) -> int:
     return max(1, min(fits))
 
 
-def _arg_key(value):
-    if isinstance(value, torch.Tensor):
-        return str(value.dtype)
-    if isinstance(value, bool) or not isinstance(value, int):
-        return value if not isinstance(value, float) else "fp32"
-    return (value == 1, value % 16 == 0)  # how Triton specializes an int
+class Ladder(tuple):
+    """Candidate metas (dicts, read-only by convention) in order, hashable by
+    value: ``choose`` caches its pick under it."""
+
+    def __new__(cls, metas):
+        self = super().__new__(cls, metas)
+        self.key = tuple(tuple(sorted(m.items())) for m in metas)
+        self.hash = hash(self.key)
+        return self
+
+    def __hash__(self):
+        return self.hash
+
+    def __eq__(self, other):
+        return isinstance(other, Ladder) and self.key == other.key
 
 
-def candidates(meta: dict, shrink: tuple = ()) -> list:
+def candidates(meta: dict, shrink: tuple = ()) -> Ladder:
     """``meta`` (tile sizes and launch options), then variants of it that hold
     fewer registers per thread, in order: the other warp count (4 <-> 8), then
     the ``shrink`` tile dims halved one after another down to MIN_DOT, each with
@@ -251,13 +260,22 @@ def candidates(meta: dict, shrink: tuple = ()) -> list:
     for m in out:
         if m not in unique:
             unique.append(m)
-    return unique
+    return Ladder(unique)
 
 
 _CHOSEN: dict = {}
 
 
-def choose(kernel, device: torch.device, args: dict, metas: list) -> tuple:
+def _hinted(value):
+    """A traced symbolic int as the value it stands for here (its hint)."""
+    if isinstance(value, torch.SymInt):
+        from torch.fx.experimental.symbolic_shapes import hint_int
+
+        return hint_int(value)
+    return value
+
+
+def choose(kernel, device: torch.device, args: dict, metas: Ladder) -> tuple:
     """(meta, resident): the first of ``metas`` whose compiled ``kernel`` (with
     ``args``, its other arguments) spills no register, and how many of its
     programs the GPU runs at once (its occupancy, from the compiled kernel's
@@ -269,13 +287,14 @@ def choose(kernel, device: torch.device, args: dict, metas: list) -> tuple:
     if device.type != "cuda" or not torch.cuda.is_available():
         sms = sm_count(device) if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
         return metas[0], sms
-    key = (kernel, device.index, tuple((k, _arg_key(v)) for k, v in args.items()),
-           tuple(tuple(sorted(m.items())) for m in metas))
+    # the kernel variant: constexprs and pointer dtypes (ints, which vary with the shapes, left out)
+    key = (kernel, device.index, metas, tuple(v.dtype if isinstance(v, torch.Tensor) else v for v in args.values()
+                                              if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt))))
     found = _CHOSEN.get(key)
     if found is None:
         from triton.runtime.jit import MockTensor
 
-        mock = {k: MockTensor(v.dtype) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        mock = {k: MockTensor(v.dtype) if isinstance(v, torch.Tensor) else _hinted(v) for k, v in args.items()}
         props = _device_props(device)
         best = None
         with torch.cuda.device(device):
@@ -292,7 +311,7 @@ def choose(kernel, device: torch.device, args: dict, metas: list) -> tuple:
     return found
 
 
-def split_n(n: int, block_n: int, programs: int, resident: int, min_tiles: int = 4) -> tuple:
+def split_n(n, block_n: int, programs: int, resident: int, min_tiles: int = 4) -> tuple:
     """(n_splits, n_per_split): how a bag of ``n`` patches is cut into chunks of
     whole ``block_n`` tiles for a grid of ``programs`` programs per chunk, when
     ``resident`` programs run at once.
@@ -303,8 +322,12 @@ def split_n(n: int, block_n: int, programs: int, resident: int, min_tiles: int =
     minimizing it, at least ``min_tiles`` tiles a chunk, fills whole waves
     (e.g. 528 programs on 396 resident slots would run a second wave a third
     full; s is chosen so that they do not). In the fixed chunking mode
-    (``fixed_chunks``) chunks are FIXED_CHUNK_TILES tiles whatever the GPU."""
-    return _split_n(n, block_n, programs, resident, min_tiles, chunking_is_fixed())
+    (``fixed_chunks``) chunks are FIXED_CHUNK_TILES tiles whatever the GPU.
+    While torch traces with a symbolic n (dynamic shapes), the chunk length
+    comes from n's hint and the chunk count stays symbolic, so the grid covers
+    any n."""
+    per = _split_n(_hinted(n), block_n, programs, _hinted(resident), min_tiles, chunking_is_fixed())[1]
+    return (n + per - 1) // per, per
 
 
 @functools.lru_cache(maxsize=4096)

@@ -28,11 +28,13 @@ dO . Y) are streamed in chunks (``dot_rows``) and recomputed per slice.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import (acc_dtype, block, candidates, cap, check_device, choose, dot_consts, launch, mask_arg,
+from ._launch import (Ladder, acc_dtype, block, candidates, cap, check_device, choose, dot_consts, launch, mask_arg,
                       on_device, split_n)
 from ._slot_dropout import kernel_p_drop, load_seed, seed_tensor, slot_keep_np, slot_keep_pn
 from ._tiles import dot_rows, load_tile, mm, mma
@@ -331,17 +333,20 @@ def combine_dkdy_meta(p: int, dh: int, do: int, dtype: torch.dtype) -> dict:
                 num_stages=2 if half else 1)
 
 
-def combine_metas(p: int, dh: int, do: int, dtype: torch.dtype) -> list:
+@functools.lru_cache(maxsize=None)
+def combine_metas(p: int, dh: int, do: int, dtype: torch.dtype) -> Ladder:
     """Tile candidates (``_launch.choose`` takes the first that compiles without
     spills): the meta above, then smaller tiles."""
     return candidates(combine_meta(p, dh, do, dtype), ("BLOCK_N", "BLOCK_P"))
 
 
-def combine_dq_metas(p: int, dh: int, do: int, dtype: torch.dtype) -> list:
+@functools.lru_cache(maxsize=None)
+def combine_dq_metas(p: int, dh: int, do: int, dtype: torch.dtype) -> Ladder:
     return candidates(combine_dq_meta(p, dh, do, dtype), ("BLOCK_N", "BLOCK_P"))
 
 
-def combine_dkdy_metas(p: int, dh: int, do: int, dtype: torch.dtype) -> list:
+@functools.lru_cache(maxsize=None)
+def combine_dkdy_metas(p: int, dh: int, do: int, dtype: torch.dtype) -> Ladder:
     return candidates(combine_dkdy_meta(p, dh, do, dtype), ("BLOCK_P", "BLOCK_N"))
 
 

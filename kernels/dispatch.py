@@ -26,11 +26,13 @@ dq per patch tile (all P slots streamed), dK per slot tile and n-chunk
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import (acc_dtype, block, candidates, cap, check_device, choose, dot_consts, dot_dtype, launch,
+from ._launch import (Ladder, acc_dtype, block, candidates, cap, check_device, choose, dot_consts, dot_dtype, launch,
                       mask_arg, on_device, split_n)
 from ._slot_dropout import kernel_p_drop, load_seed, seed_tensor, slot_keep_np, slot_keep_pn
 from ._tiles import dot_rows, load_tile, mm, mma
@@ -302,23 +304,27 @@ def dispatch_dq_meta(p: int, dh: int, dtype: torch.dtype) -> dict:
                 num_stages=2)
 
 
-def dispatch_metas(p: int, dh: int, dtype: torch.dtype) -> list:
+@functools.lru_cache(maxsize=None)
+def dispatch_metas(p: int, dh: int, dtype: torch.dtype) -> Ladder:
     """The forward partials' tile candidates (``_launch.choose`` takes the first
     that compiles without spills): ``dispatch_meta``, then smaller tiles."""
     return candidates(dispatch_meta(p, dh, dtype), ("BLOCK_N", "BLOCK_P"))
 
 
-def dispatch_merge_metas(p: int, dh: int, dtype: torch.dtype) -> list:
+@functools.lru_cache(maxsize=None)
+def dispatch_merge_metas(p: int, dh: int, dtype: torch.dtype) -> Ladder:
     meta = dispatch_meta(p, dh, dtype)
     return candidates(dict(BLOCK_P=meta["BLOCK_P"], BLOCK_D=meta["BLOCK_D"], NUM_DV=meta["NUM_DV"], num_warps=4,
                            num_stages=2), ("BLOCK_P",))
 
 
-def dispatch_dk_metas(p: int, dh: int, dtype: torch.dtype) -> list:
+@functools.lru_cache(maxsize=None)
+def dispatch_dk_metas(p: int, dh: int, dtype: torch.dtype) -> Ladder:
     return candidates(dispatch_dk_meta(p, dh, dtype), ("BLOCK_N", "BLOCK_P"))
 
 
-def dispatch_dq_metas(p: int, dh: int, dtype: torch.dtype) -> list:
+@functools.lru_cache(maxsize=None)
+def dispatch_dq_metas(p: int, dh: int, dtype: torch.dtype) -> Ladder:
     return candidates(dispatch_dq_meta(p, dh, dtype), ("BLOCK_N", "BLOCK_P"))
 
 

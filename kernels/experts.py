@@ -30,11 +30,13 @@ deterministic, no atomics.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import (TORCH_TO_TL, acc_dtype, block, candidates, cap, check_device, choose, input_precision, launch,
+from ._launch import (Ladder, TORCH_TO_TL, acc_dtype, block, candidates, cap, check_device, choose, input_precision, launch,
                       on_device)
 from ._tiles import load_tile
 
@@ -254,19 +256,22 @@ def experts_norm_meta(d: int) -> dict:
     return dict(BLOCK_D=block(d, maximum=64), num_warps=4)
 
 
-def experts_proj_metas(s: int, dh: int, r: int, do: int, dtype: torch.dtype) -> list:
+@functools.lru_cache(maxsize=None)
+def experts_proj_metas(s: int, dh: int, r: int, do: int, dtype: torch.dtype) -> Ladder:
     """Tile candidates of the forward projection (``_launch.choose`` takes the
     first that compiles without spills): smaller rank and dh chunks."""
     return candidates(experts_meta(s, dh, r, do, dtype), ("BLOCK_R", "BLOCK_DH"))
 
 
-def experts_proj_bwd_metas(s: int, dh: int, r: int, do: int, dtype: torch.dtype) -> list:
+@functools.lru_cache(maxsize=None)
+def experts_proj_bwd_metas(s: int, dh: int, r: int, do: int, dtype: torch.dtype) -> Ladder:
     meta = experts_meta(s, dh, r, do, dtype)
     del meta["NUM_VO"]
     return candidates(meta, ("BLOCK_DO", "BLOCK_DH", "BLOCK_R"))
 
 
-def experts_norm_metas(d: int) -> list:
+@functools.lru_cache(maxsize=None)
+def experts_norm_metas(d: int) -> Ladder:
     return candidates(experts_norm_meta(d), ("BLOCK_D",))
 
 

@@ -27,11 +27,13 @@ dx = dy @ Wq, dWq = dy^T @ x and dbq = sum_n dy.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import (TORCH_TO_TL, acc_dtype, block, candidates, check_device, choose, dot_dtype, input_precision,
+from ._launch import (TORCH_TO_TL, Ladder, acc_dtype, block, candidates, check_device, choose, dot_dtype, input_precision,
                       launch, on_device)
 
 FUSED_MAX_C = 512
@@ -125,6 +127,17 @@ def query_meta(c: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=64 if half else 32, num_warps=8, num_stages=3)
 
 
+@functools.lru_cache(maxsize=None)
+def query_metas(c: int, dtype: torch.dtype) -> Ladder:
+    """The fused kernel's candidates (``_launch.choose`` takes the first that compiles without spills)."""
+    return candidates(query_meta(c, dtype), ("BLOCK_M", "BLOCK_K"))
+
+
+@functools.lru_cache(maxsize=None)
+def query_rows_metas(c: int, dtype: torch.dtype) -> Ladder:
+    return candidates(query_rows_meta(c, dtype), ("BLOCK_M",))
+
+
 def query_rows_meta(c: int, dtype: torch.dtype) -> dict:
     """The row kernels (the norm after a library GEMM, and the norm's backward):
     whole rows per program, 8192 elements (32 per thread in one tile; 4096 in
@@ -158,11 +171,11 @@ def query_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gam
                 M=m, C=c, stride_qm=q.stride(0), eps=eps, USE_LAYERNORM=use_layernorm, STORE_Y=y_out is not None,
                 ACC=TORCH_TO_TL[stat["dtype"]])
     if c <= FUSED_MAX_C:
-        kernel, metas = _query_fwd_kernel, candidates(query_meta(c, x.dtype), ("BLOCK_M", "BLOCK_K"))
+        kernel, metas = _query_fwd_kernel, query_metas(c, x.dtype)
         args.update(X=x, W=weight, K=k, stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wc=weight.stride(0),
                     stride_wk=weight.stride(1), DOT_DTYPE=dot_dtype(x.dtype), INPUT_PRECISION=input_precision())
     else:
-        kernel, metas = _query_norm_fwd_kernel, candidates(query_rows_meta(c, x.dtype), ("BLOCK_M",))
+        kernel, metas = _query_norm_fwd_kernel, query_rows_metas(c, x.dtype)
         with torch.autocast(x.device.type, enabled=False):  # x @ Wq^T in x's dtype, as the fused kernel's dots
             args.update(XW=(x @ weight.t()).contiguous())
     meta, _ = choose(kernel, x.device, args, metas)
@@ -235,7 +248,7 @@ def query_norm_backward(dq: torch.Tensor, y: torch.Tensor, mean: torch.Tensor | 
                 M=m, C=c, stride_dqm=dq.stride(0), stride_dqc=dq.stride(1), USE_LAYERNORM=use_layernorm,
                 NEED_DY=need_dy, NEED_DGAMMA=need_dgamma, ACC=TORCH_TO_TL[rstd.dtype])
     meta, _ = choose(_query_norm_bwd_kernel, y.device, {**args, "DGAMMA_PART": rstd},
-                     candidates(query_rows_meta(c, y.dtype), ("BLOCK_M",)))
+                     query_rows_metas(c, y.dtype))
     grid = (triton.cdiv(m, meta["BLOCK_M"]),)
     dgamma_part = torch.empty(grid[0], c, device=y.device, dtype=rstd.dtype) if need_dgamma else rstd
     launch(_query_norm_bwd_kernel, grid, DGAMMA_PART=dgamma_part, **args, **meta)

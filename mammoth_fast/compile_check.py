@@ -56,11 +56,10 @@ from triton.runtime.jit import JITFunction
 
 from .kernels._launch import TORCH_TO_TL, acc_dtype, dot_dtype, interpreting
 from .kernels._slot_dropout import slot_keep_mask_meta
-from .kernels._launch import candidates
 from .kernels.combine import combine_dkdy_metas, combine_dq_metas, combine_metas
 from .kernels.dispatch import dispatch_dk_metas, dispatch_dq_metas, dispatch_merge_metas, dispatch_metas
 from .kernels.experts import experts_norm_metas, experts_proj_bwd_metas, experts_proj_metas
-from .kernels.query import FUSED_MAX_C, query_meta, query_rows_meta
+from .kernels.query import FUSED_MAX_C, query_metas, query_rows_metas
 from .sizes import LayerSizes
 
 H100 = GPUTarget("cuda", 90, 32)  # compiles for sm_90a
@@ -281,11 +280,11 @@ def _slots(metas):
 
 KERNELS = (
     Kernel("query", "_query_fwd_kernel", _query_args,
-           lambda sz: candidates(query_meta(sz.c, sz.dtype), ("BLOCK_M", "BLOCK_K")), NORM, _fused_query),
+           lambda sz: query_metas(sz.c, sz.dtype), NORM, _fused_query),
     Kernel("query", "_query_norm_fwd_kernel", _query_norm_fwd_args,
-           lambda sz: candidates(query_rows_meta(sz.c, sz.dtype), ("BLOCK_M",)), NORM, _gemm_then_norm),
+           lambda sz: query_rows_metas(sz.c, sz.dtype), NORM, _gemm_then_norm),
     Kernel("query", "_query_norm_bwd_kernel", _query_norm_bwd_args,
-           lambda sz: candidates(query_rows_meta(sz.c, sz.dtype), ("BLOCK_M",)),
+           lambda sz: query_rows_metas(sz.c, sz.dtype),
            {"USE_LAYERNORM": (True, False), "NEED_DY": (True, False), "NEED_DGAMMA": (True, False)}, _any_output),
     Kernel("dispatch", "_dispatch_partial_kernel", _dispatch_partial_args, _slots(dispatch_metas), MASK_DROP),
     Kernel("dispatch", "_dispatch_merge_kernel", _dispatch_merge_args, _slots(dispatch_merge_metas)),

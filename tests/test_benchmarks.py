@@ -121,3 +121,35 @@ def test_launcher_cases_run_and_map_to_roofline_kernels():
     for c in cases.values():
         c.fn()
         assert roofline.launcher_floor(kernels, c.kernels) > 0
+
+
+def test_gpu_check_dry_run_prints_the_plan_on_cpu():
+    import subprocess
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    run_ = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--budget-s", "200",
+                           "--share", "tests=120", "--skip", "multi_gpu"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert run_.returncode == 0, run_.stderr[-2000:]
+    out = run_.stdout
+    assert "budget 200 s (estimated 200 s)" in out and "tests        120 s" in out and "multi_gpu" not in out
+    for what in ("tests:", "bench:", "kernels:", "wheels:", "gpu-check.json"):
+        assert what in out
+
+
+def test_gpu_check_shares_and_report():
+    from benchmarks import gpu_check
+
+    args = gpu_check.parse_args(["--budget-s", "300", "--share", "tests=100", "--only", "tests", "bench", "kernels"])
+    secs = gpu_check.shares(args)
+    assert set(secs) == {"machine", "tests", "bench", "kernels"} and secs["tests"] == 100
+    assert abs(sum(secs.values()) - 300) < 1e-6
+    assert secs["bench"] / secs["kernels"] == gpu_check.SECTIONS[4].share_s / gpu_check.SECTIONS[5].share_s
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--share", "nonsense=3"])
+    # the committed H200 run renders (every section's table)
+    res = json.loads((ROOT / "benchmarks" / "results" / "h200-2026-11-29-gpu-check.json").read_text())
+    md = gpu_check.markdown(res)
+    for what in ("| tests |", "**Accuracy**", "**torch.compile**", "**Benchmark**", "kernel launchers",
+                 "**Training step at N = 1,000,000**"):
+        assert what in md

@@ -70,6 +70,11 @@ def test_every_launcher_is_guarded():
         assert launcher.__code__ is guarded and callable(launcher.__wrapped__), launcher.__name__
 
 
+FAKE_SECOND_GPU = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
+                                     reason="fake cuda:1 tensors need no GPU at all, or two")
+
+
+@FAKE_SECOND_GPU
 def test_guard_makes_the_inputs_device_current(monkeypatch):
     entered = []
 
@@ -89,6 +94,7 @@ def test_guard_makes_the_inputs_device_current(monkeypatch):
     assert _launch.on_device(lambda x: x)(torch.ones(2)).sum() == 2  # CPU tensors: no guard
 
 
+@FAKE_SECOND_GPU
 def test_tensors_on_two_devices_are_refused():
     with FakeTensorMode():
         a, b = torch.empty(2, device="cuda:0"), torch.empty(2, device="cuda:1")
