@@ -32,7 +32,7 @@ maps all B * N patches.
 Writes ``<device>-<date>.json`` (machine, versions, every row) and a log-log
 plot ``<device>-<date>.png`` into ``--out-dir`` (default benchmarks/results).
 On a CUDA GPU it also times each kernel launcher (``benchmarks/launchers.py``)
-and prints its time as a multiple of its H100 roofline floor
+and prints its time as a multiple of its roofline floor at the card's ceilings (H100 or H200)
 (``benchmarks/roofline.py``).
 """
 from __future__ import annotations

@@ -60,6 +60,20 @@ def _low_rank_u(A, ABIAS, z_rows, s_ok, a_row, offs_r, r_ok,
 
 
 @triton.jit
+def _program_slots(S, E, H, NS, BLOCK_S: tl.constexpr):
+    """The (expert x head, bag x slot block) of a projection program (grid axes 1
+    and 2): e, h, e * H + h, b * NS + slot block, b, the block's first slot s0
+    in the expert, its BLOCK_S slots' offsets there and their validity, and
+    their slot indices p = e * S + s."""
+    eh = tl.program_id(1).to(tl.int64)
+    pid_bs = tl.program_id(2).to(tl.int64)
+    s0 = (pid_bs % NS) * BLOCK_S
+    offs_s = s0 + tl.arange(0, BLOCK_S)
+    e = eh // H
+    return e, eh % H, eh, pid_bs, pid_bs // NS, s0, offs_s, offs_s < S, e * S + offs_s
+
+
+@triton.jit
 def _experts_proj_kernel(
     Z, A, ABIAS, BW, CBIAS, V,
     S, E, H, NS,
@@ -70,21 +84,13 @@ def _experts_proj_kernel(
     """v = (z @ A[h] + a[h]) @ Bw[e, h] + c[e, h] for BLOCK_S slots of expert e,
     head h, bag b: a (BLOCK_S, BLOCK_DO) slice of V (B, P, D)."""
     pid_v = tl.program_id(0)
-    eh = tl.program_id(1).to(tl.int64)
-    pid_bs = tl.program_id(2).to(tl.int64)
-    e = eh // H
-    h = eh % H
-    b = pid_bs // NS
-    sb = pid_bs % NS
+    e, h, eh, pid_bs, b, s0, offs_s, s_ok, slot = _program_slots(S, E, H, NS, BLOCK_S)
     P = E * S
     D = H * DO
-    offs_s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
-    s_ok = offs_s < S
-    slot = e * S + offs_s  # p
     offs_vo = pid_v * BLOCK_DO + tl.arange(0, BLOCK_DO)
     vo_ok = offs_vo < DO
     a_row = h if SHARED else eh  # A (H, dh, r) or (E, H, dh, r), a (H, r) or (E, H, r)
-    z_rows = Z + ((b * H + h) * P + e * S + sb * BLOCK_S) * DH  # Z (B, H, P, dh)
+    z_rows = Z + ((b * H + h) * P + e * S + s0) * DH  # Z (B, H, P, dh): the block's first slot
 
     v = tl.zeros([BLOCK_S, BLOCK_DO], ACC)
     for r0 in range(0, R, BLOCK_R):
@@ -189,24 +195,16 @@ def _experts_proj_bwd_kernel(
     (b * NS + slot block, e, h) of DA_PART (B*NS, E, H, dh, r), DABIAS_PART
     (B*NS, E, H, r) and DBW_PART (B*NS, E, H, r, do)."""
     pid_r = tl.program_id(0)
-    eh = tl.program_id(1).to(tl.int64)
-    pid_bs = tl.program_id(2).to(tl.int64)
-    e = eh // H
-    h = eh % H
-    b = pid_bs // NS
-    sb = pid_bs % NS
+    e, h, eh, pid_bs, b, s0, offs_s, s_ok, slot = _program_slots(S, E, H, NS, BLOCK_S)
     P = E * S
     D = H * DO
-    offs_s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
-    s_ok = offs_s < S
-    slot = e * S + offs_s
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
     offs_dh = tl.arange(0, BLOCK_DH)
     offs_do = tl.arange(0, BLOCK_DO)
     a_row = h if SHARED else eh
-    z_rows = Z + ((b * H + h) * P + e * S + sb * BLOCK_S) * DH
-    dv_rows = DV + (b * P + e * S + sb * BLOCK_S) * D + h * DO  # this head's columns of dv (B, P, D)
+    z_rows = Z + ((b * H + h) * P + e * S + s0) * DH
+    dv_rows = DV + (b * P + e * S + s0) * D + h * DO  # this head's columns of dv (B, P, D)
     bw_base = BW + eh * R * DO
 
     du = tl.zeros([BLOCK_S, BLOCK_R], ACC)  # dv @ Bw[e, h]^T on the rank chunk, 0 in padded slots

@@ -45,11 +45,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def make_layer(size: str = "small", seed: int = 0, **kw) -> Mammoth:
-    """A float64 eval-mode layer with random (not default) norm and bias values,
-    so that every parameter matters in the comparisons."""
+def make_layer(size="small", seed: int = 0, **kw) -> Mammoth:
+    """A float64 eval-mode layer of SIZES[size] (or of the sizes ``size``, a dict)
+    with random (not default) norm and bias values, so that every parameter
+    matters in the comparisons."""
     torch.manual_seed(seed)
-    layer = Mammoth(**{**SIZES[size], **kw}).double().eval()
+    layer = Mammoth(**{**(SIZES[size] if isinstance(size, str) else size), **kw}).double().eval()
     with torch.no_grad():
         for name, prm in layer.named_parameters():
             if name.endswith("gamma"):

@@ -7,7 +7,7 @@ chunked). On CPU the kernels run under TRITON_INTERPRET=1."""
 import pytest
 import torch
 
-from conftest import DEVICE, rel_err
+from conftest import DEVICE, make_layer, rel_err
 from mammoth_fast import Mammoth
 from mammoth_fast.kernels.combine import combine_dkdy_meta, combine_dq_meta, combine_meta
 from mammoth_fast.kernels.dispatch import dispatch_dq_meta, dispatch_meta
@@ -31,14 +31,8 @@ def test_the_sizes_take_the_chunked_paths():
 
 
 def _layer(cfg, dtype, seed, **kw):
-    torch.manual_seed(seed)
-    ref = Mammoth(**cfg, **kw).double().eval()
-    with torch.no_grad():
-        for name, prm in ref.named_parameters():
-            if name.endswith("gamma"):
-                prm.uniform_(0.5, 1.5)
-            elif name == "wq.bias":
-                prm.normal_(0.0, 0.1)
+    """The float64 reference layer and its copy in ``dtype`` with the triton backend."""
+    ref = make_layer(cfg, seed=seed, **kw)
     layer = Mammoth(**cfg, **kw, backend="triton").to(DEVICE, dtype).eval()
     layer.load_state_dict(ref.state_dict())
     return ref, layer
