@@ -699,13 +699,20 @@ def _log(msg: str) -> None:
     print(f"[benchmarks.run] {msg}", file=sys.stderr, flush=True)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be a positive integer")
+    return value
+
+
 def parse_args(argv: Optional[Sequence[str]], device: torch.device):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, nargs="+",
+    parser.add_argument("--n", type=_positive, nargs="+",
                         help=f"bag sizes (default: {', '.join(map(str, GPU_N))} on a GPU, "
                              f"{', '.join(map(str, CPU_N))} on CPU)")
-    parser.add_argument("--bags", type=int, nargs="+", default=[1],
+    parser.add_argument("--bags", type=_positive, nargs="+", default=[1],
                         help="B, the number of bags of N patches in one call (default: 1)")
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--keep-slots", choices=["both", "true", "false"], default="both")

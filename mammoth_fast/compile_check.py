@@ -473,11 +473,12 @@ def _workers() -> int:
 
 def plan(sizes=SIZE_MATRIX, hardest: bool = False, hardest_beyond_recommended: bool = False) -> list:
     """[(Sizes, hardest)] to check: every size in fp32 and bf16, fp64 at
-    FP64_SIZES; ``hardest_beyond_recommended``: all variants at the recommended
-    size, the hardest elsewhere (what the tests run)."""
+    FP64_SIZES; ``hardest_beyond_recommended`` (what the tests run): all
+    variants at the recommended size, fp64 there only, the hardest elsewhere."""
     out = []
     for size in sizes:
-        dtypes = DTYPES + ((torch.float64,) if size in FP64_SIZES else ())
+        fp64 = size == RECOMMENDED if hardest_beyond_recommended else size in FP64_SIZES
+        dtypes = DTYPES + ((torch.float64,) if fp64 else ())
         for dtype in dtypes:
             # the tests' check: one bag size (N % 16 == 0) at the recommended size too
             ns = (100_000,) if hardest_beyond_recommended else N_VALUES.get(size, (100_000,))

@@ -153,3 +153,19 @@ def test_gpu_check_shares_and_report():
     for what in ("| tests |", "**Accuracy**", "**torch.compile**", "**Benchmark**", "kernel launchers",
                  "**Training step at N = 1,000,000**"):
         assert what in md
+
+
+@pytest.mark.parametrize("bad", [["--bags", "0"], ["--n", "-5"], ["--bags", "two"]])
+def test_run_refuses_bad_sizes(bad, capsys):
+    with pytest.raises(SystemExit):
+        run.parse_args(bad, torch.device("cpu"))
+    assert "--" in capsys.readouterr().err
+
+
+def test_run_times_batches_of_bags(tmp_path):
+    res = run.main(["--quick", "--device", "cpu", "--impl", "sdpa", "--dtype", "fp32", "--keep-slots", "true",
+                    "--bags", "1", "2", "--n", "64", "--out-dir", str(tmp_path), "--date", "2000-01-03"])
+    rows = {(r["impl"], r["bags"]): r for r in res["rows"]}
+    assert rows[("sdpa", 2)]["status"] == "ok" and rows[("linear", 2)]["status"] == "ok"
+    assert rows[("linear", 2)]["fwdbwd_peak_mib"] > rows[("linear", 1)]["fwdbwd_peak_mib"]  # twice the patches
+    assert math.isclose(rows[("sdpa", 2)]["fwdbwd_ms_x"], rows[("sdpa", 2)]["fwdbwd_ms"] / rows[("linear", 2)]["fwdbwd_ms"])
