@@ -264,14 +264,19 @@ def candidates(meta: dict, shrink: tuple = ()) -> Ladder:
 
 
 _CHOSEN: dict = {}
+_CONSTEXPRS: dict = {}  # kernel -> the names of its constexpr parameters
 
 
 def _hinted(value):
     """A traced symbolic int as the value it stands for here (its hint)."""
     if isinstance(value, torch.SymInt):
-        from torch.fx.experimental.symbolic_shapes import hint_int
+        from torch.fx.experimental import symbolic_shapes
 
-        return hint_int(value)
+        for name in ("optimization_hint", "hint_int"):  # torch >= 2.12, and before
+            hint = getattr(symbolic_shapes, name, None)
+            if hint is not None:
+                return int(hint(value))
+        return int(value.node.hint)
     return value
 
 
@@ -287,9 +292,12 @@ def choose(kernel, device: torch.device, args: dict, metas: Ladder) -> tuple:
     if device.type != "cuda" or not torch.cuda.is_available():
         sms = sm_count(device) if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
         return metas[0], sms
-    # the kernel variant: constexprs and pointer dtypes (ints, which vary with the shapes, left out)
-    key = (kernel, device.index, metas, tuple(v.dtype if isinstance(v, torch.Tensor) else v for v in args.values()
-                                              if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt))))
+    # the kernel variant: its constexprs and pointer dtypes (not the runtime ints, which follow the shapes)
+    constexprs = _CONSTEXPRS.get(kernel)
+    if constexprs is None:
+        constexprs = _CONSTEXPRS[kernel] = frozenset(p.name for p in kernel.params if p.is_constexpr)
+    key = (kernel, device.index, metas, tuple(v.dtype if isinstance(v, torch.Tensor) else v
+                                              for k, v in args.items() if k in constexprs or isinstance(v, torch.Tensor)))
     found = _CHOSEN.get(key)
     if found is None:
         from triton.runtime.jit import MockTensor
@@ -323,15 +331,27 @@ def split_n(n, block_n: int, programs: int, resident: int, min_tiles: int = 4) -
     (e.g. 528 programs on 396 resident slots would run a second wave a third
     full; s is chosen so that they do not). In the fixed chunking mode
     (``fixed_chunks``) chunks are FIXED_CHUNK_TILES tiles whatever the GPU.
-    While torch traces with a symbolic n (dynamic shapes), the chunk length
-    comes from n's hint and the chunk count stays symbolic, so the grid covers
-    any n."""
-    per = _split_n(_hinted(n), block_n, programs, _hinted(resident), min_tiles, chunking_is_fixed())[1]
-    return (n + per - 1) // per, per
+
+    While torch traces with a symbolic n (dynamic shapes), the chunk count
+    comes from n's hint and the chunk length is symbolic, so that the graph
+    covers any n with a fixed grid and fixed partial buffers per bag (chunks
+    past the end of a shorter bag are empty, and merge as nothing); in the
+    fixed chunking mode the chunks stay FIXED_CHUNK_TILES tiles and their
+    count is symbolic, as in eager mode."""
+    fixed = chunking_is_fixed()
+    if isinstance(n, torch.SymInt):
+        tiles = (n + block_n - 1) // block_n
+        if fixed:
+            per = FIXED_CHUNK_TILES * block_n
+            return (n + per - 1) // per, per
+        splits = _split_n(_hinted(n), block_n, programs, _hinted(resident), min_tiles, False)[0]
+        return splits, (tiles + splits - 1) // splits * block_n
+    return _split_n(n, block_n, programs, resident, min_tiles, fixed)
 
 
 @functools.lru_cache(maxsize=4096)
 def _split_n(n: int, block_n: int, programs: int, resident: int, min_tiles: int, fixed: bool) -> tuple:
+    """split_n for a concrete n."""
     tiles = -(-n // block_n)
     if fixed:
         per = min(tiles, FIXED_CHUNK_TILES)

@@ -140,6 +140,52 @@ def test_fixed_chunking_does_not_depend_on_the_gpu():
     assert _launch.split_n(100_000, 64, 48, 4) != _launch.split_n(100_000, 64, 48, 528)
 
 
+def test_split_of_a_symbolic_bag_size_keeps_the_grid_or_the_chunks_fixed():
+    """Under dynamic-shape tracing n is symbolic: the chunk count is taken from
+    its hint and the chunk length stays symbolic (buffers and grid do not grow
+    with later, larger bags); in the fixed mode the chunks stay 32 tiles."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env = ShapeEnv()
+    n = env.create_symintnode(env.create_symbol(100_000, source=ConstantSource("n")), hint=100_000)
+    splits, per = _launch.split_n(n, 64, 48, 396)
+    assert (splits, _launch._hinted(per)) == _launch.split_n(100_000, 64, 48, 396)
+    assert isinstance(splits, int) and isinstance(per, torch.SymInt)
+    with _launch.fixed_chunks():
+        splits, per = _launch.split_n(n, 64, 48, 396)
+        assert per == 64 * _launch.FIXED_CHUNK_TILES and _launch._hinted(splits) == math.ceil(100_000 / per)
+
+
+def test_the_pick_is_cached_per_kernel_variant(monkeypatch):
+    """Variants that differ in an int constexpr (dh 20 and 32 share a tile
+    ladder) get their own pick: the key holds every constexpr, not the runtime ints."""
+    picks = []
+
+    class Compiled:
+        n_regs, n_spills, metadata = 64, 0, SimpleNamespace(shared=0, num_warps=4)
+
+        def _init_handles(self):
+            pass
+
+    class Kernel:
+        params = [SimpleNamespace(name=n, is_constexpr=c) for n, c in (("X", False), ("N", False), ("DH", True))]
+
+        def warmup(self, grid, **args):
+            picks.append(args["DH"])
+            return Compiled()
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device", lambda dev: contextlib.nullcontext())
+    monkeypatch.setattr(_launch, "_device_props", lambda dev: SimpleNamespace(multi_processor_count=132))
+    kernel, dev, x = Kernel(), torch.device("cuda", 0), torch.empty(1)
+    metas = dispatch.dispatch_metas(300, 20, torch.float32)
+    assert metas == dispatch.dispatch_metas(300, 32, torch.float32)
+    for n, dh in ((1000, 20), (5000, 20), (1000, 32)):
+        assert _launch.choose(kernel, dev, dict(X=x, N=n, DH=dh), metas) == (metas[0], 8 * 132)  # 64 registers: 8 a SM
+    assert picks == [20, 32]  # one compile per variant; another N reuses the pick
+
+
 def test_without_a_real_gpu_the_first_candidate_runs_one_program_per_sm():
     metas = dispatch.dispatch_metas(300, 16, torch.float32)
     assert len(metas) > 2 and metas[0] == dispatch.dispatch_meta(300, 16, torch.float32)
