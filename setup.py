@@ -18,7 +18,7 @@ setup(
         "einops>=0.7",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "mammoth-moe==0.1.2", "numpy", "matplotlib",
+        "test": ["pytest>=7", "pytest-xdist", "pytest-benchmark>=4", "mammoth-moe==0.1.2", "numpy", "matplotlib",
                  "scikit-learn", "mil", "tqdm"],  # mil, scikit-learn, tqdm: tests/test_examples.py
         "bench": ["pytest-benchmark>=4", "mammoth-moe==0.1.2", "matplotlib", "numpy"],
         # mammoth_fast.examples: `mil` ships the MUSK1/MUSK2/UCSB CSV files
