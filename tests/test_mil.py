@@ -18,9 +18,11 @@ from mammoth_fast.mil.nystrom import NystromAttention
 
 IN_DIM, NUM_CLASSES, M = 24, 3, 9
 E, S = 2, 3  # tiny Mammoth: E*S = 6 slot tokens
-TINY = {"abmil": dict(attn_dim=16), "clam": dict(attn_dim=16, k_sample=2), "dsmil": dict(attn_dim=16),
-        "transmil": dict(num_heads=2, num_landmarks=4), "meanmil": {}, "maxmil": {}}
-TINY.update(transformer=dict(num_heads=2), ilra=dict(num_heads=2, num_latents=3), rrt=dict(num_heads=2, region_num=2, attn_dim=8, epeg_k=3), wikg=dict(topk=3), dftd=dict(attn_dim=8, num_groups=3))  # noqa: E501 (part 2, tests/test_mil_part2.py)
+# MIL-Lab's config keys, shrunk
+TINY = {"abmil": dict(attn_dim=16), "clam": dict(attention_dim=16, k_sample=2), "dsmil": dict(attn_dim=16),
+        "transmil": dict(num_heads=2), "meanmil": {}, "maxmil": {}, "transformer": dict(num_heads=2, encoder_mlp_dim=32),
+        "ilra": dict(num_heads=2, topk=3), "rrt": dict(n_heads=2, region_num=2, trans_dim=8, mlp_dim=32),
+        "wikg": dict(topk=3), "dftd": dict(attention_dim=8, num_group=3)}
 # (backend, keep_slots) of the patch embedding; None: the base config (Linear + ReLU)
 VARIANTS = {"base": None, "eager": ("eager", True), "eager-tokens": ("eager", False),
             "triton": ("triton", True), "triton-tokens": ("triton", False)}

@@ -9,7 +9,7 @@ token is padding and the aggregator gets mask=None). A subclass implements
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -20,12 +20,28 @@ from ..host_reads import host_reads_allowed
 from ..layer import Mammoth
 
 
-def make_patch_embed(in_dim: int, embed_dim: int, dropout: float, moe_args: Optional[dict]) -> nn.Module:
+def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, dropout: float = 0.0, end_with_act: bool = True,
+        act: Callable[[], nn.Module] = nn.ReLU) -> nn.Sequential:
+    """MIL-Lab's create_mlp: (Linear, act, Dropout) per hidden width, then Linear (and
+    act when end_with_act). Module indices are theirs, so their keys load."""
+    layers: List[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(in_dim, width), act(), nn.Dropout(dropout)]
+        in_dim = width
+    layers.append(nn.Linear(in_dim, out_dim))
+    if end_with_act:
+        layers.append(act())
+    return nn.Sequential(*layers)
+
+
+def make_patch_embed(in_dim: int, embed_dim: int, moe_args: Optional[dict], num_fc_layers: int = 1,
+                     dropout: float = 0.0) -> nn.Module:
     """Mammoth(input_dim=in_dim, dim=embed_dim, **moe_args) when moe_args holds
-    num_experts > 0, else Linear + ReLU + Dropout. moe_args may repeat input_dim
-    and dim (as the authors' examples do) if they agree."""
+    num_experts > 0, else MIL-Lab's patch MLP: num_fc_layers Linear + ReLU layers
+    (Dropout between them, none after the last). moe_args may repeat input_dim and
+    dim (as the authors' examples do) if they agree."""
     if not moe_args or moe_args.get("num_experts", 0) <= 0:
-        return nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout))
+        return mlp(in_dim, [embed_dim] * (num_fc_layers - 1), embed_dim, dropout)
     args = dict(moe_args)
     for key, value in (("input_dim", in_dim), ("dim", embed_dim)):
         if args.pop(key, value) != value:
@@ -70,11 +86,15 @@ class MILModel(nn.Module):
     dispatch weights (B, M, E, H, S), None without Mammoth) with return_moe_weights.
     """
 
-    def __init__(self, in_dim: int, embed_dim: int, num_classes: int, dropout: float,
-                 moe_args: Optional[dict]) -> None:
+    def __init__(self, in_dim: int, embed_dim: int, num_classes: int, moe_args: Optional[dict],
+                 patch_embed: Optional[nn.Module] = None) -> None:
+        """patch_embed: the Linear path's module when it is not make_patch_embed's
+        default (one Linear + ReLU); Mammoth whenever moe_args has experts."""
         super().__init__()
         self.in_dim, self.embed_dim, self.num_classes = in_dim, embed_dim, num_classes
-        self.patch_embed = make_patch_embed(in_dim, embed_dim, dropout, moe_args)
+        mammoth = moe_args and moe_args.get("num_experts", 0) > 0
+        self.patch_embed = make_patch_embed(in_dim, embed_dim, moe_args) if mammoth or patch_embed is None \
+            else patch_embed
 
     def forward(self, h: Tensor, mask: Optional[Tensor] = None, label: Optional[Tensor] = None,
                 loss_fn: Optional[Callable] = None, return_attention: bool = False,
@@ -92,6 +112,23 @@ class MILModel(nn.Module):
             out["moe_weights"] = moe_weights if layout is None or moe_weights is None else \
                 packing.unpad(moe_weights, layout)
         return out
+
+    def initialize_weights(self) -> None:
+        """MIL-Lab's initialization, which their models run at the end of __init__: every
+        nn.Linear (Mammoth's query projection included) kaiming-uniform for ReLU with zero
+        bias, LayerNorm and BatchNorm ones and zeros."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.kaiming_uniform_(module.weight, nonlinearity="relu")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Conv2d):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)) and module.weight is not None:
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
 
     def embed(self, h: Tensor, mask: Optional[Tensor],
               return_moe_weights: bool) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:

@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .abmil import GatedAttention
-from .base import MILModel, masked_softmax
+from .attention import GlobalGatedAttention
+from .base import MILModel, make_patch_embed, masked_softmax
 
 
 class CLAMSB(MILModel):
@@ -31,9 +31,9 @@ class CLAMSB(MILModel):
     def __init__(self, in_dim: int = 1024, num_classes: int = 2, embed_dim: int = 512, attn_dim: int = 384,
                  dropout: float = 0.25, k_sample: int = 8, subtyping: bool = False, bag_weight: float = 0.7,
                  moe_args: Optional[dict] = None) -> None:
-        super().__init__(in_dim, embed_dim, num_classes, dropout, moe_args)
+        super().__init__(in_dim, embed_dim, num_classes, moe_args, make_patch_embed(in_dim, embed_dim, None, 1, dropout))
         self.k_sample, self.subtyping, self.bag_weight = k_sample, subtyping, bag_weight
-        self.attention = GatedAttention(embed_dim, attn_dim, dropout)
+        self.attention = GlobalGatedAttention(embed_dim, attn_dim, dropout)
         self.classifier = nn.Linear(embed_dim, num_classes)
         self.instance_classifiers = nn.ModuleList(nn.Linear(embed_dim, 2) for _ in range(num_classes))
 

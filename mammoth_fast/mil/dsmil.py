@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .base import MILModel, masked_softmax
+from .base import MILModel, make_patch_embed, masked_softmax
 
 
 class DSMIL(MILModel):
@@ -26,7 +26,7 @@ class DSMIL(MILModel):
     def __init__(self, in_dim: int = 1024, num_classes: int = 2, embed_dim: int = 512, attn_dim: int = 128,
                  dropout: float = 0.25, dropout_v: float = 0.0, passing_v: bool = False,
                  moe_args: Optional[dict] = None) -> None:
-        super().__init__(in_dim, embed_dim, num_classes, dropout, moe_args)
+        super().__init__(in_dim, embed_dim, num_classes, moe_args, make_patch_embed(in_dim, embed_dim, None, 1, dropout))
         self.instance_classifier = nn.Linear(embed_dim, num_classes)
         self.q = nn.Sequential(nn.Linear(embed_dim, attn_dim), nn.ReLU(), nn.Linear(attn_dim, attn_dim), nn.Tanh())
         self.v = (nn.Sequential(nn.Dropout(dropout_v), nn.Linear(embed_dim, embed_dim), nn.ReLU())

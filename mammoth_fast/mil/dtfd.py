@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .abmil import GatedAttention
-from .base import MILModel, masked_softmax, safe_masked_softmax
+from .attention import GlobalGatedAttention
+from .base import MILModel, make_patch_embed, masked_softmax, safe_masked_softmax
 
 DISTILL = ("MaxMinS", "MaxS", "AFS")
 
@@ -64,7 +64,7 @@ class DTFDMIL(MILModel):
                  dropout: float = 0.25, attn_dropout: float = 0.25, num_groups: int = 8, instances_per_group: int = 1,
                  distill: str = "MaxMinS", bag_weight: float = 0.7, num_residuals: int = 0, eval_seed: int = 0,
                  moe_args: Optional[dict] = None) -> None:
-        super().__init__(in_dim, embed_dim, num_classes, dropout, moe_args)
+        super().__init__(in_dim, embed_dim, num_classes, moe_args, make_patch_embed(in_dim, embed_dim, None, 1, dropout))
         if distill not in DISTILL:
             raise ValueError(f"DTFDMIL: distill must be one of {DISTILL}, got {distill!r}")
         if num_groups < 1 or instances_per_group < 1:
@@ -74,9 +74,9 @@ class DTFDMIL(MILModel):
         self.bag_weight, self.eval_seed = bag_weight, eval_seed
         self.generator: Optional[torch.Generator] = None
         self.res_blocks = nn.Sequential(*(ResidualBlock(embed_dim) for _ in range(num_residuals)))
-        self.tier1_attention = GatedAttention(embed_dim, attn_dim, attn_dropout)
+        self.tier1_attention = GlobalGatedAttention(embed_dim, attn_dim, attn_dropout)
         self.tier1_classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(embed_dim, num_classes))
-        self.tier2_attention = GatedAttention(embed_dim, attn_dim, 0.0)
+        self.tier2_attention = GlobalGatedAttention(embed_dim, attn_dim, 0.0)
         self.tier2_classifier = nn.Linear(embed_dim, num_classes)
 
     def pseudo_bags(self, mask: Optional[Tensor], bsz: int, t: int, device: torch.device) -> Tuple[Tensor, Tensor]:

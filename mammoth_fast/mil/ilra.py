@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import MILModel
+from .base import MILModel, make_patch_embed
 
 
 class MultiHeadAttention(nn.Module):
@@ -90,7 +90,7 @@ class ILRA(MILModel):
     def __init__(self, in_dim: int = 1024, num_classes: int = 2, embed_dim: int = 256, num_layers: int = 2,
                  num_heads: int = 8, num_latents: int = 64, ln: bool = True, dropout: float = 0.25,
                  moe_args: Optional[dict] = None) -> None:
-        super().__init__(in_dim, embed_dim, num_classes, dropout, moe_args)
+        super().__init__(in_dim, embed_dim, num_classes, moe_args, make_patch_embed(in_dim, embed_dim, None, 1, dropout))
         self.gab_blocks = nn.ModuleList(GAB(embed_dim, num_heads, num_latents, ln) for _ in range(num_layers))
         self.pooling = NLP(embed_dim, num_heads, ln)
         self.classifier = nn.Linear(embed_dim, num_classes)

@@ -1,4 +1,5 @@
-"""MeanMIL and MaxMIL: patch_embed, mean or max over the tokens, linear classifier."""
+"""MeanMIL and MaxMIL (ours; MIL-Lab has none): patch_embed (Linear + ReLU as MIL-Lab's
+models, or Mammoth), mean or max over the tokens, linear classifier."""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,15 +7,16 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .base import MILModel
+from .base import MILModel, make_patch_embed
 
 
 class MeanMIL(MILModel):
     """Mean over the real tokens. 'attention': the uniform weights (B, T)."""
 
-    def __init__(self, in_dim: int = 1024, num_classes: int = 2, embed_dim: int = 512, dropout: float = 0.25,
-                 moe_args: Optional[dict] = None) -> None:
-        super().__init__(in_dim, embed_dim, num_classes, dropout, moe_args)
+    def __init__(self, in_dim: int = 1024, num_classes: int = 2, embed_dim: int = 512, num_fc_layers: int = 1,
+                 dropout: float = 0.25, moe_args: Optional[dict] = None) -> None:
+        super().__init__(in_dim, embed_dim, num_classes, moe_args,
+                         make_patch_embed(in_dim, embed_dim, None, num_fc_layers, dropout))
         self.classifier = nn.Linear(embed_dim, num_classes)
 
     def aggregate(self, x, mask, label, return_attention):
@@ -30,9 +32,10 @@ class MaxMIL(MILModel):
     """Channel-wise max over the real tokens. 'attention': the share of the D
     channels whose max each token holds (B, T)."""
 
-    def __init__(self, in_dim: int = 1024, num_classes: int = 2, embed_dim: int = 512, dropout: float = 0.25,
-                 moe_args: Optional[dict] = None) -> None:
-        super().__init__(in_dim, embed_dim, num_classes, dropout, moe_args)
+    def __init__(self, in_dim: int = 1024, num_classes: int = 2, embed_dim: int = 512, num_fc_layers: int = 1,
+                 dropout: float = 0.25, moe_args: Optional[dict] = None) -> None:
+        super().__init__(in_dim, embed_dim, num_classes, moe_args,
+                         make_patch_embed(in_dim, embed_dim, None, num_fc_layers, dropout))
         self.classifier = nn.Linear(embed_dim, num_classes)
 
     def aggregate(self, x, mask, label, return_attention):

@@ -47,7 +47,7 @@ import torch.nn as nn
 from einops import rearrange
 from torch import Tensor
 
-from .base import MILModel, masked_softmax, safe_masked_softmax
+from .base import MILModel, make_patch_embed, masked_softmax, safe_masked_softmax
 
 
 def region_layout(mask: Optional[Tensor], bsz: int, t: int, region_num: int,
@@ -164,7 +164,7 @@ class RRTMIL(MILModel):
                  region_num: int = 8, num_rmsa_layers: int = 1, epeg_k: int = 15, crmsa_k: int = 3,
                  attn_dim: int = 128, attn_dropout: float = 0.1, dropout: float = 0.25,
                  moe_args: Optional[dict] = None) -> None:
-        super().__init__(in_dim, embed_dim, num_classes, dropout, moe_args)
+        super().__init__(in_dim, embed_dim, num_classes, moe_args, make_patch_embed(in_dim, embed_dim, None, 1, dropout))
         if region_num < 1 or crmsa_k < 1:
             raise ValueError(f"RRTMIL: region_num and crmsa_k must be >= 1, got {region_num}, {crmsa_k}")
         self.region_num = region_num

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .base import MILModel
+from .base import MILModel, make_patch_embed
 
 
 class EncoderLayer(nn.Module):
@@ -54,7 +54,7 @@ class TransformerMIL(MILModel):
     def __init__(self, in_dim: int = 1024, num_classes: int = 2, embed_dim: int = 512, num_layers: int = 2,
                  num_heads: int = 8, mlp_dim: int = 0, attn_dropout: float = 0.25, dropout: float = 0.25,
                  moe_args: Optional[dict] = None) -> None:
-        super().__init__(in_dim, embed_dim, num_classes, dropout, moe_args)
+        super().__init__(in_dim, embed_dim, num_classes, moe_args, make_patch_embed(in_dim, embed_dim, None, 1, dropout))
         if num_layers < 1:
             raise ValueError(f"TransformerMIL: num_layers must be >= 1, got {num_layers}")
         self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim))

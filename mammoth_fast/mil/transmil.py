@@ -22,7 +22,7 @@ import torch.nn as nn
 from einops import rearrange
 from torch import Tensor
 
-from .base import MILModel
+from .base import MILModel, make_patch_embed
 from .nystrom import NystromAttention
 
 
@@ -58,7 +58,7 @@ class TransMIL(MILModel):
     def __init__(self, in_dim: int = 1024, num_classes: int = 2, embed_dim: int = 512, num_layers: int = 2,
                  num_heads: int = 8, num_landmarks: int = 256, pinv_iterations: int = 6, attn_dropout: float = 0.1,
                  dropout: float = 0.25, moe_args: Optional[dict] = None) -> None:
-        super().__init__(in_dim, embed_dim, num_classes, dropout, moe_args)
+        super().__init__(in_dim, embed_dim, num_classes, moe_args, make_patch_embed(in_dim, embed_dim, None, 1, dropout))
         self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim))
         self.layers = nn.ModuleList(
             TransLayer(embed_dim, num_heads, num_landmarks, pinv_iterations, attn_dropout) for _ in range(num_layers)

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .base import MILModel, masked_softmax
+from .base import MILModel, make_patch_embed, masked_softmax
 
 AGG_TYPES = ("gcn", "sage", "bi-interaction")
 
@@ -40,7 +40,7 @@ class WiKG(MILModel):
 
     def __init__(self, in_dim: int = 1024, num_classes: int = 2, embed_dim: int = 512, topk: int = 4,
                  agg_type: str = "bi-interaction", dropout: float = 0.25, moe_args: Optional[dict] = None) -> None:
-        super().__init__(in_dim, embed_dim, num_classes, dropout, moe_args)
+        super().__init__(in_dim, embed_dim, num_classes, moe_args, make_patch_embed(in_dim, embed_dim, None, 1, dropout))
         if agg_type not in AGG_TYPES:
             raise ValueError(f"WiKG: agg_type must be one of {AGG_TYPES}, got {agg_type!r}")
         if topk < 1:
