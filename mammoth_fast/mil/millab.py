@@ -19,6 +19,7 @@ For our own API (one output dict, masks, packed bags), use
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Callable, Optional
 
 import torch
@@ -42,7 +43,10 @@ class MILLabConfig:
             setattr(self, key, value)
 
     def model_kwargs(self) -> dict:
-        return {key: getattr(self, key) for key in self.defaults}
+        """The fields the model's constructor takes (MIL-Lab's, and ours such as
+        dsmil's ``original`` when set)."""
+        accepted = inspect.signature(builder.MODELS[self.model_type]).parameters
+        return {key: value for key, value in vars(self).items() if key in self.defaults or key in accepted}
 
     def to_dict(self) -> dict:
         return dict(vars(self))
