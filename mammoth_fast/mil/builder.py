@@ -13,6 +13,7 @@ shape-mismatched keys.
 """
 from __future__ import annotations
 
+import inspect
 import json
 from importlib.resources import files
 from typing import Dict, List, Optional, Tuple
@@ -78,7 +79,8 @@ def parse_name(name: str) -> Tuple[str, str, str, str]:
 def create_model(name: str, num_classes: int = 2, checkpoint_path: Optional[str] = None, **overrides) -> MILModel:
     """Build ``<model>.<config>.<encoder>[.<task>]`` (e.g. 'abmil.base_mammoth.conch_v15',
     'abmil.base_mammoth.uni.none'), as MIL-Lab's create_model does. overrides replace
-    config values (moe_args as a whole; in_dim too). checkpoint_path loads a state_dict
+    config values (moe_args as a whole; in_dim too) or set the model's other keyword
+    arguments (e.g. the switches that correct a MIL-Lab bug). checkpoint_path loads a state_dict
     saved by MIL-Lab (keys under ``model.``) or by us, strictly (see load_checkpoint); a
     task other than 'none' needs it, since MIL-Lab's task weights come from their hub."""
     model, config, encoder, task = parse_name(name)
@@ -88,9 +90,10 @@ def create_model(name: str, num_classes: int = 2, checkpoint_path: Optional[str]
             f"Hugging Face hub; download them and pass checkpoint_path=, or use task '{NO_TASK}'"
         )
     kwargs = {"in_dim": ENCODER_DIMS[encoder], **load_config(model, config)}
-    unknown = sorted(set(overrides) - set(kwargs))
+    valid = (set(kwargs) | set(inspect.signature(MODELS[model]).parameters)) - {"num_classes"}
+    unknown = sorted(set(overrides) - valid)
     if unknown:
-        raise ValueError(f"create_model({name!r}): unknown override(s) {unknown}; valid: {sorted(kwargs)}")
+        raise ValueError(f"create_model({name!r}): unknown override(s) {unknown}; valid: {sorted(valid)}")
     net = MODELS[model](num_classes=num_classes, **{**kwargs, **overrides})
     if checkpoint_path is not None:
         load_checkpoint(net, checkpoint_path)
