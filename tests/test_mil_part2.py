@@ -67,6 +67,7 @@ def test_aggregators_take_slot_tokens_and_tiny_bags(model):
     """300 tokens (Mammoth's E*S slots, mask None) and bags of 1..3 tokens, batched and masked."""
     net = tiny_model(model, "base").double()
     d = IN_DIM if model == "ilra" else 32  # MIL-Lab's ILRA has no patch embedding: its first GAB takes in_dim
+    d = IN_DIM if model == "dftd" else d  # DTFD's aggregate embeds each pseudo-bag, as MIL-Lab's
     for train in (True, False):
         net.train(train)
         for x, mask in [(tokens(2, 300, d), None), (tokens(1, 1, d), None), (tokens(1, 2, d), None),

@@ -86,6 +86,8 @@ class MILModel(nn.Module):
     dispatch weights (B, M, E, H, S), None without Mammoth) with return_moe_weights.
     """
 
+    slide_head = "classifier"  # the submodule whose input is the slide-level feature
+
     def __init__(self, in_dim: int, embed_dim: int, num_classes: int, moe_args: Optional[dict],
                  patch_embed: Optional[nn.Module] = None) -> None:
         """patch_embed: the Linear path's module when it is not make_patch_embed's

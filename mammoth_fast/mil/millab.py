@@ -60,8 +60,8 @@ class MILLabModel(nn.Module):
     (results_dict, log_dict) as MIL-Lab's models do. results_dict: 'logits' (B,
     num_classes) and 'loss' (None without loss_fn and label). log_dict: 'loss' (a
     float, -1 without a loss), every auxiliary loss as a float, 'attention' (our
-    model's attention weights) with return_attention, 'slide_feats' (the
-    classifier's input) with return_slide_feats, 'moe_weights' (Mammoth's dispatch
+    model's attention weights) with return_attention, 'slide_feats' (the input
+    of the model's slide_head, its last classifier) with return_slide_feats, 'moe_weights' (Mammoth's dispatch
     weights) with return_moe_weights."""
 
     config_class = MILLabConfig
@@ -81,7 +81,7 @@ class MILLabModel(nn.Module):
         feats = []
         hook = None
         if return_slide_feats:
-            hook = self.model.classifier.register_forward_hook(lambda mod, args, out: feats.append(args[0]))
+            hook = self.model.get_submodule(self.model.slide_head).register_forward_hook(lambda mod, args, out: feats.append(args[0]))
         try:
             out = self.model(h, mask=mask, label=label, loss_fn=loss_fn, return_attention=return_attention,
                              return_moe_weights=return_moe_weights)
