@@ -6,7 +6,6 @@ configs, names, parameter counts) run from tests/test_mil.py, which is driven
 by the registry. Here: each model against a plain single-bag implementation of
 its original's computation (float64), and what is particular to each.
 """
-import math
 import random
 import re
 from pathlib import Path
@@ -19,8 +18,7 @@ from einops import rearrange
 
 from mammoth_fast import Mammoth
 from mammoth_fast import reference as mammoth_reference
-from mammoth_fast.mil import DTFDMIL, ENCODER_DIMS, ILRA, MODELS, RRTMIL, TransformerMIL, WiKG, create_model
-from mammoth_fast.mil.rrt import region_layout
+from mammoth_fast.mil import DTFDMIL, ENCODER_DIMS, ILRA, MODELS, TransformerMIL, WiKG, create_model
 from test_mil import IN_DIM, NUM_CLASSES, padded_batch, tiny_model
 
 PART2 = ("transformer", "ilra", "rrt", "wikg", "dftd")
@@ -143,71 +141,7 @@ def test_ilra_latents_and_pooling_ignore_padding():
     torch.testing.assert_close(out["attention"].sum(-1), torch.ones(3, dtype=torch.float64), **CLOSE)
 
 
-# ---------------------------------------------------------------- RRT-MIL
-
-@pytest.mark.parametrize("t", [1, 2, 6, 9, 63, 64, 65, 300])
-def test_region_layout_places_each_real_token_once_row_major(t):
-    masks = [None, mixed_mask(t)]
-    for mask in masks:
-        bsz = 1 if mask is None else 3
-        index, valid, pos = region_layout(mask, bsz, t, 8, torch.device("cpu"))
-        for b in range(bsz):
-            real = torch.arange(t) if mask is None else mask[b].nonzero().squeeze(1)
-            n = len(real)
-            side = math.ceil(math.sqrt(n) / 8) * 8
-            s = side // 8
-            assert int(valid[b].sum()) == n
-            assert sorted(index[b][valid[b]].tolist()) == real.tolist()
-            assert torch.equal(index[b].flatten()[pos[b, real]], real)  # pos inverts index
-            # the i-th real token sits at row-major grid cell i
-            r, j = (valid[b].nonzero()[:, k] for k in (0, 1))
-            cell = ((r // 8) * s + j // s) * side + (r % 8) * s + j % s
-            assert torch.equal(real[cell], index[b][valid[b]])
-    if t == 300:  # Mammoth's slots: a 24 x 24 grid of 3 x 3 regions
-        assert region_layout(None, 1, t, 8, torch.device("cpu"))[0].shape == (1, 64, 9)
-
-
-def test_rmsa_and_crmsa_on_a_full_grid_equal_the_originals_region_partition():
-    """A bag that fills its grid (16 tokens, 2 x 2 regions of 2 x 2): R-MSA with
-    EPEG and CR-MSA as the original computes them with view/permute."""
-    torch.manual_seed(0)
-    net = RRTMIL(in_dim=8, num_classes=3, embed_dim=16, num_heads=2, region_num=2, epeg_k=3, crmsa_k=3).double().eval()
-    x = tokens(1, 16)[0]
-    layout = region_layout(None, 1, 16, 2, x.device)
-
-    def partition(z):  # (16, D) -> (4 regions, 4 cells, D), the original's region_partition
-        return z.view(1, 2, 2, 2, 2, -1).permute(0, 1, 3, 2, 4, 5).reshape(4, 4, -1)
-
-    def reverse(z):
-        return z.view(1, 2, 2, 2, 2, -1).permute(0, 1, 3, 2, 4, 5).reshape(16, -1)
-
-    rmsa = net.rmsa[0]
-    y = partition(rmsa.norm(x))
-    o, _ = plain_attention(y, rmsa.attn.qkv, 2, rmsa.attn.scale, rmsa.attn.proj, pe=rmsa.attn.pe)
-    expected = x + reverse(o)
-    torch.testing.assert_close(rmsa(x[None], layout, None)[0], expected, **CLOSE)
-
-    cr = net.crmsa.attn
-    y = partition(net.crmsa.norm(expected))
-    logits = torch.einsum("wpc,ck->wkp", y, cr.phi)
-    lo, hi = logits.min(dim=-1, keepdim=True).values, logits.max(dim=-1, keepdim=True).values
-    reps = torch.einsum("wpc,wkp->kwc", y, logits.softmax(dim=-1))  # (k, regions, D)
-    mixed, _ = plain_attention(reps, cr.attn.qkv, 2, cr.attn.scale, cr.attn.proj)
-    back = torch.einsum("kwc,wkp->wpc", mixed, (logits - lo) / (hi - lo + 1e-8) * logits.softmax(dim=1))
-    torch.testing.assert_close(net.crmsa(expected[None], layout, None)[0], expected + reverse(back), **CLOSE)
-
-
-def test_rrt_one_region_is_self_attention_over_the_real_tokens():
-    """region_num = 1 and no EPEG: R-MSA is multi-head attention over each bag's real tokens."""
-    torch.manual_seed(0)
-    net = RRTMIL(in_dim=8, num_classes=3, embed_dim=16, num_heads=2, region_num=1, epeg_k=0).double().eval()
-    x, mask = tokens(3, 7), mixed_mask(7)
-    layer = net.rmsa[0]
-    got = layer(x, region_layout(mask, 3, 7, 1, x.device), mask)
-    for b in range(3):
-        xb = x[b][mask[b]]
-        o, _ = plain_attention(layer.norm(xb)[None], layer.attn.qkv, 2, layer.attn.scale, layer.attn.proj)
-        torch.testing.assert_close(got[b][mask[b]], xb + o[0], **CLOSE)
+# RRT-MIL: tests/test_mil_rrt.py
 
 
 # ---------------------------------------------------------------- WiKG

@@ -105,7 +105,9 @@ def load_checkpoint(net: torch.nn.Module, path) -> None:
     into net, strictly. Keys may carry MIL-Lab's wrapper prefix ``model.`` and
     DataParallel's ``module.``; nothing else is renamed. A mismatch raises a
     ValueError naming the file and listing the missing, unexpected and
-    shape-mismatched keys. For the Mammoth weights alone (e.g. a checkpoint of
+    shape-mismatched keys. The model keeps its dtype: to keep a float64 checkpoint
+    exact, convert the model first (``load_checkpoint(net.double(), path)``).
+    For the Mammoth weights alone (e.g. a checkpoint of
     another aggregator), use mammoth_fast.checkpoints.load_mammoth_state_dict."""
     state = {_strip(key): value for key, value in read_state_dict(path).items()}
     own = net.state_dict()
