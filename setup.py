@@ -9,13 +9,18 @@ setup(
     python_requires=">=3.9",
     # kernels/ ships inside the package namespace: a top-level `kernels`
     # module would clash with the PyPI package of that name.
-    packages=["mammoth_fast", "mammoth_fast.kernels", "mammoth_fast.mil", "mammoth_fast.examples"],
+    packages=["mammoth_fast", "mammoth_fast.kernels", "mammoth_fast.mil", "mammoth_fast.examples", "mammoth_fast.data"],
     package_dir={"mammoth_fast": "mammoth_fast", "mammoth_fast.kernels": "kernels"},
     package_data={"mammoth_fast.mil": ["configs/*.json"]},  # create_model's configs
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
         "einops>=0.7",
+        # mammoth_fast.data: feature files (h5py), splits (scikit-learn), cache (numpy, tqdm)
+        "numpy",
+        "h5py>=3",
+        "scikit-learn>=1.3",  # StratifiedGroupKFold(shuffle=True)
+        "tqdm",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-xdist", "pytest-benchmark>=4", "mammoth-moe==0.1.2", "numpy", "matplotlib",
