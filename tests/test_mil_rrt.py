@@ -18,6 +18,7 @@ from einops import rearrange
 from mammoth_fast.mil import RRTMIL, create_model
 from mammoth_fast.mil.rrt import region_layout
 from test_mil import IN_DIM, NUM_CLASSES, padded_batch
+from test_mil_part2 import mixed_mask, plain_attention
 
 CLOSE = dict(rtol=1e-10, atol=1e-10)
 SMALL = dict(in_dim=8, num_classes=3, embed_dim=16, mlp_dim=16, n_heads=2, trans_dim=8)
@@ -196,23 +197,6 @@ def test_constructor_takes_every_millab_key():
 
 # ---------------------------------------------------------------- original=True: R-MSA / CR-MSA
 
-def mixed_mask(t):
-    """(3, t): a full bag, a prefix and one with holes."""
-    mask = torch.zeros(3, t, dtype=torch.bool)
-    mask[0] = True
-    mask[1, : max(1, t // 2)] = True
-    mask[2, ::3] = True
-    return mask
-
-
-def plain_attention(x, qkv, heads, scale, proj, pe=None):
-    """Multi-head softmax self-attention of each row of x (Z, N, D), no masks."""
-    q, k, v = rearrange(qkv(x), "z n (three h d) -> three z h n d", three=3, h=heads)
-    logits = (q * scale) @ k.transpose(-1, -2)
-    if pe is not None:
-        logits = logits + pe(logits)
-    return proj(rearrange(logits.softmax(dim=-1) @ v, "z h n d -> z n (h d)"))
-
 
 def original(seed=0, **kw):
     return small(seed, original=True, pos="none", n_layers=1, epeg=True, **kw)
@@ -253,7 +237,7 @@ def test_rmsa_and_crmsa_on_a_full_grid_equal_the_originals_region_partition():
 
     rmsa = net.encoder.layer1
     assert rmsa.attn.pe is not None and not net.encoder.layers
-    o = plain_attention(partition(rmsa.norm(x)), rmsa.attn.qkv, 2, rmsa.attn.scale, rmsa.attn.proj, pe=rmsa.attn.pe)
+    o = plain_attention(partition(rmsa.norm(x)), rmsa.attn.qkv, 2, rmsa.attn.scale, rmsa.attn.proj, pe=rmsa.attn.pe)[0]
     expected = x + reverse(o)
     torch.testing.assert_close(rmsa(x[None], n)[0][0], expected, **CLOSE)
 
@@ -263,7 +247,7 @@ def test_rmsa_and_crmsa_on_a_full_grid_equal_the_originals_region_partition():
     logits = torch.einsum("wpc,ck->wkp", y, cr.phi)
     lo, hi = logits.min(dim=-1, keepdim=True).values, logits.max(dim=-1, keepdim=True).values
     reps = torch.einsum("wpc,wkp->kwc", y, logits.softmax(dim=-1))  # (k, regions, D)
-    mixed = plain_attention(reps, cr.attn.qkv, 2, cr.attn.scale, cr.attn.proj)
+    mixed = plain_attention(reps, cr.attn.qkv, 2, cr.attn.scale, cr.attn.proj)[0]
     back = torch.einsum("kwc,wkp->wpc", mixed, (logits - lo) / (hi - lo + 1e-8) * logits.softmax(dim=1))
     torch.testing.assert_close(layer(expected[None], n)[0][0], expected + reverse(back), **CLOSE)
 
@@ -276,7 +260,7 @@ def test_one_region_is_self_attention_over_the_real_tokens():
     x, lengths = tokens(3, 7), torch.tensor([7, 3, 5])
     got = attn(x, lengths)
     for b, n in enumerate(lengths.tolist()):
-        torch.testing.assert_close(got[b, :n], plain_attention(x[b, :n][None], attn.qkv, 2, attn.scale, attn.proj)[0],
+        torch.testing.assert_close(got[b, :n], plain_attention(x[b, :n][None], attn.qkv, 2, attn.scale, attn.proj)[0][0],
                                    **CLOSE)
         assert (got[b, n:] == 0).all()
 

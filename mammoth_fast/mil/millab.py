@@ -22,7 +22,6 @@ import copy
 import inspect
 from typing import Callable, Optional
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
