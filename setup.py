@@ -12,6 +12,8 @@ setup(
     packages=["mammoth_fast", "mammoth_fast.kernels", "mammoth_fast.mil", "mammoth_fast.examples", "mammoth_fast.data"],
     package_dir={"mammoth_fast": "mammoth_fast", "mammoth_fast.kernels": "kernels"},
     package_data={"mammoth_fast.mil": ["configs/*.json"]},  # create_model's configs
+    # mammoth-fast train / eval (also python -m mammoth_fast): mammoth_fast/cli.py
+    entry_points={"console_scripts": ["mammoth-fast = mammoth_fast.cli:main"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

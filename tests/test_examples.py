@@ -70,10 +70,10 @@ def test_batching_does_not_change_single_bag_results():
 def test_routing_pictures(tmp_path):
     pytest.importorskip("matplotlib")
     from mammoth_fast.examples.routing import routing_pictures
-    from mammoth_fast.examples.train import build_model
+    from mammoth_fast.mil import create_model
 
     x, _, d = datasets.mnist_bags(num_bags=6, bag_size=5, seed=0, return_digits=True)
-    net = build_model("abmil.base_mammoth", 64, **TINY)
+    net = create_model("abmil.base_mammoth", 2, in_dim=64, **TINY)
     paths = routing_pictures(net, x, d, tmp_path, top_k=3)
     assert [p.name for p in paths] == ["experts_top_digits.png", "expert_usage_per_class.png"]
     assert all(p.stat().st_size > 0 and p.read_bytes()[:4] == b"\x89PNG" for p in paths)

@@ -14,6 +14,7 @@ dispatch weight summed over heads and slots. Saves
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -92,7 +93,7 @@ def routing_pictures(model, bags: List[np.ndarray], digits: List[np.ndarray], ou
 
 def main(argv=None) -> List[Path]:
     from .datasets import mnist_bags
-    from .train import build_model, run_fold, set_seed
+    from .train import run_fold
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="abmil.base_mammoth")
@@ -106,32 +107,16 @@ def main(argv=None) -> List[Path]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overrides", default="{}", help="JSON dict of create_model overrides")
     a = p.parse_args(argv)
-    import json
 
     bags, labels, digits = mnist_bags(a.num_bags, a.bag_size, a.target, a.seed, return_digits=True)
-    # train on all bags, keeping the model: run_fold builds and trains it; rebuild here to keep a handle
-    set_seed(a.seed)
-    overrides = json.loads(a.overrides)
-    trained = {}
-
-    def keep(model_name, in_dim, **kw):
-        trained["net"] = build_model(model_name, in_dim, **kw)
-        return trained["net"]
-
-    from . import train as train_mod
-    original, train_mod.build_model = train_mod.build_model, keep
-    try:
-        idx = np.arange(len(labels))
-        metrics = run_fold(a.model, bags, labels, idx, idx, a.epochs, 5e-4, 1e-4, a.seed, overrides,
-                           batch_size=a.batch_size)
-    finally:
-        train_mod.build_model = original
+    idx = np.arange(len(labels))  # train on all bags, evaluate on them too
+    metrics, net = run_fold(a.model, bags, labels, idx, idx, a.epochs, 5e-4, 1e-4, a.seed, json.loads(a.overrides),
+                            batch_size=a.batch_size)
     print(f"trained {a.model} on {len(labels)} MNIST-bags (target {a.target}), train accuracy {metrics['accuracy']:.3f}")
     # run_fold standardizes with the training statistics; do the same for the pictures
     allx = np.concatenate(bags)
     mean, std = allx.mean(0), allx.std(0) + 1e-6
-    paths = routing_pictures(trained["net"], [(b - mean) / std for b in bags], digits, a.out_dir, images=bags,
-                             top_k=a.top_k)
+    paths = routing_pictures(net, [(b - mean) / std for b in bags], digits, a.out_dir, images=bags, top_k=a.top_k)
     for path in paths:
         print("wrote", path)
     return paths
