@@ -401,7 +401,7 @@ copy and 790 TFLOP/s bf16 matmul, both measured on one). Measured times against
 these floors: `python -m benchmarks.gpu_check` (section `kernels`) and
 `python -m benchmarks.run` on a CUDA GPU time every kernel launcher and report
 its time as a multiple of its floor at the card's ceilings; results in
-`benchmarks/results/` (the README's GPU section). The n-chunk counts below
+`benchmarks/results/` ([docs/gpu-acceptance.md](../docs/gpu-acceptance.md)). The n-chunk counts below
 assume 2 programs of a split kernel resident per SM; the launchers read the
 compiled kernel's occupancy instead.
 
