@@ -20,6 +20,11 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from mammoth_fast import Mammoth  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one intra-op thread per xdist worker: `-n 2` on 2 cores with torch's default of one
+    # thread per core oversubscribes them, and small ops then spin-wait for the other worker
+    torch.set_num_threads(1)
+
 DEVICE = torch.device("cuda" if _HAS_CUDA else "cpu")
 
 # (input_dim, dim, num_experts, num_slots, num_heads, slot_dim): the recommended

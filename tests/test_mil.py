@@ -22,7 +22,8 @@ E, S = 2, 3  # tiny Mammoth: E*S = 6 slot tokens
 # MIL-Lab's config keys, shrunk
 TINY = {"abmil": dict(attn_dim=16), "clam": dict(attention_dim=16, k_sample=2), "dsmil": dict(attn_dim=16),
         "transmil": dict(num_heads=2), "meanmil": {}, "maxmil": {}, "transformer": dict(num_heads=2, encoder_mlp_dim=32),
-        "ilra": dict(num_heads=2, topk=3), "rrt": dict(n_heads=2, region_num=2, trans_dim=8, mlp_dim=32),
+        "ilra": dict(num_heads=2, topk=3),
+        "rrt": dict(n_heads=2, region_num=2, trans_dim=8, mlp_dim=32, num_landmarks=4),
         "wikg": dict(topk=3), "dftd": dict(attention_dim=8, num_group=3)}
 # (backend, keep_slots) of the patch embedding; None: the base config (Linear + ReLU)
 VARIANTS = {"base": None, "eager": ("eager", True), "eager-tokens": ("eager", False),

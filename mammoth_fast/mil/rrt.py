@@ -337,7 +337,8 @@ class RRTEncoder(nn.Module):
     def __init__(self, mlp_dim: int, n_layers: int, n_heads: int, trans_dim: int, drop_path: float,
                  multi_scale: bool, ffn: bool, ffn_act: str, mlp_ratio: float, n_cycle: int, pool: str, da_act: str,
                  da_gated: bool, da_bias: bool, da_dropout: bool, pos: str, peg_k: int, original: bool,
-                 region_num: int, epeg: bool, qkv_bias: bool, trans_dropout: float) -> None:
+                 region_num: int, epeg: bool, qkv_bias: bool, trans_dropout: float,
+                 num_landmarks: int = NUM_LANDMARKS) -> None:
         super().__init__()
         self.multi_scale = multi_scale
         self.final_dim = mlp_dim * 2 ** (n_layers - 1) if multi_scale else mlp_dim
@@ -348,7 +349,7 @@ class RRTEncoder(nn.Module):
         def attention(dim: int) -> nn.Module:
             if original:
                 return RegionAttention(dim, n_heads, region_num, EPEG_K if epeg else 0, qkv_bias, dropout)
-            return NystromAttention(dim, trans_dim, n_heads, NUM_LANDMARKS, PINV_ITERATIONS)
+            return NystromAttention(dim, trans_dim, n_heads, num_landmarks, PINV_ITERATIONS)
 
         def layer(dim: int, need_down: bool) -> TransLayer:
             return TransLayer(dim, attention(dim), drop_path, need_down, ffn, ffn_act, mlp_ratio, n_cycle, dropout)
@@ -396,6 +397,10 @@ class RRTMIL(MILModel):
     the paper's code, which fills the grid with zero tokens that take part, the
     grid padding is masked (see CrossRegionAttention). MIL-Lab checkpoints do
     not load into it.
+
+    num_landmarks (ours): the Nystrom layers' landmark count, MIL-Lab's 256 by
+    default (its cost, a 256 x 256 pseudo-inverse per bag and head, does not
+    shrink with the bag; smaller values are for quick experiments and tests).
     """
 
     def __init__(self, in_dim: int = 1024, num_classes: int = 2, mlp_dim: int = 512, embed_dim: int = 512,
@@ -406,7 +411,7 @@ class RRTMIL(MILModel):
                  da_gated: bool = False, da_bias: bool = False, da_dropout: bool = False, trans_dim: int = 64,
                  n_cycle: int = 1, epeg: bool = False, min_region_num: int = 0, qkv_bias: bool = True,
                  shift_size: bool = False, no_norm: bool = False, moe_args: Optional[dict] = None,
-                 original: bool = False) -> None:
+                 original: bool = False, num_landmarks: int = NUM_LANDMARKS) -> None:
         del pos_pos, attn, min_region_num, shift_size, no_norm  # unused by MIL-Lab's code (and ours)
         if embed_dim != mlp_dim:
             raise ValueError(f"RRTMIL: embed_dim ({embed_dim}) must equal mlp_dim ({mlp_dim}), the encoder's width")
@@ -422,7 +427,7 @@ class RRTMIL(MILModel):
         self.dropout = nn.Dropout(dropout)
         self.encoder = RRTEncoder(mlp_dim, n_layers, n_heads, trans_dim, drop_path, multi_scale, ffn, ffn_act,
                                   mlp_ratio, n_cycle, pool, da_act, da_gated, da_bias, da_dropout, pos, peg_k,
-                                  original, region_num, epeg, qkv_bias, trans_dropout)
+                                  original, region_num, epeg, qkv_bias, trans_dropout, num_landmarks)
         self.classifier = nn.Linear(self.encoder.final_dim, num_classes)
         self.initialize_weights()
 
