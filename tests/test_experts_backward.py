@@ -69,9 +69,13 @@ def test_fp32_grads_awkward_sizes(size, kw, share):
 
 
 def test_fp32_grads_recommended_sizes():
-    # H = 16, dh = 16, r = 17, do = 32, S = 10, E = 30, D = 512; one bag
-    p, inputs, dy = random_inputs("recommended", True, bsz=1, seed=32)
-    assert p.shared_weight.shape == (16, 16, 17)
+    # H = 16, dh = 16, r = 17, do = 32, S = 10, D = 512: the recommended tiles; one bag and
+    # E = 2, as E only sizes the grid (a program per expert and head). The recommended
+    # E = 30 runs these kernels in test_triton_backward's recommended-size test, which
+    # checks every expert parameter's gradient and dx (through dZ) against the reference.
+    p, inputs, dy = random_inputs("recommended", True, bsz=1, seed=32, num_experts=2,
+                                 auto_rank=False, lora_rank=17)  # the rank auto_rank gives at E = 30
+    assert p.shared_weight.shape == (16, 16, 17) and p.expert_weights.shape == (2, 16, 17, 32)
     assert_close(kernel_grads(inputs, dy), reference_grads(p, inputs, dy))
 
 

@@ -204,12 +204,15 @@ def test_candidates_shrink_tiles_and_toggle_warps():
 
 def test_fixed_chunking_gives_the_same_bits_whatever_the_sm_count(monkeypatch):
     """A bag split in chunks by the SM count (4 or 132) gives other bits in its
-    fp32 sums; with fixed chunks, the same, forward and backward."""
+    fp32 sums; with fixed chunks, the same, forward and backward. The fixed
+    chunks are 4 tiles here, not FIXED_CHUNK_TILES (32), so that a 300-patch bag
+    (10 tiles of 32 in each split kernel) spans 3 of them under the interpreter."""
     keep_slots = False  # dispatch and combine: both split kernels
     ref = make_layer("small", seed=5, keep_slots=keep_slots)
     layer = type(ref)(**SIZES["small"], keep_slots=keep_slots, backend="triton").to(DEVICE).eval()
     layer.load_state_dict(ref.state_dict())
-    x = torch.randn(1, 1200, SIZES["small"]["input_dim"], device=DEVICE)
+    n = 300
+    x = torch.randn(1, n, SIZES["small"]["input_dim"], device=DEVICE)
 
     def run(sms):
         monkeypatch.setattr(_launch, "sm_count", lambda device: sms)
@@ -218,8 +221,16 @@ def test_fixed_chunking_gives_the_same_bits_whatever_the_sm_count(monkeypatch):
 
     if DEVICE.type == "cuda":
         pytest.skip("the SM count of a real GPU is read from the compiled kernel's occupancy")
-    with _launch.fixed_chunks():
-        a, b = run(4), run(132)
+    # by the SM count the split kernels (4 programs a chunk, 32-patch tiles) cut the bag otherwise
+    assert _launch.split_n(n, 32, 4, 4)[0] != _launch.split_n(n, 32, 4, 132)[0]
+    monkeypatch.setattr(_launch, "FIXED_CHUNK_TILES", 4)
+    _launch._split_n.cache_clear()  # its cache key does not hold the constant
+    try:
+        with _launch.fixed_chunks():
+            assert _launch.split_n(n, 32, 4, 4) == _launch.split_n(n, 32, 4, 132) == (3, 128)
+            a, b = run(4), run(132)
+    finally:
+        _launch._split_n.cache_clear()
     assert all(torch.equal(u, v) for u, v in zip(a, b))
     want = reference.forward(x.double().cpu(), ref.params(), keep_slots=keep_slots)
     assert ((a[0].double().cpu() - want).norm() / want.norm()) < 1e-5

@@ -59,7 +59,7 @@ def query_grads(layer, x, dq):
 @NORMS
 def test_gradcheck(use_layernorm):
     torch.manual_seed(1)
-    m, din, c = 7, 13, 9
+    m, din, c = 5, 7, 6  # distinct (a swapped stride shows), each in one partial tile
     x = torch.randn(m, din, dtype=torch.float64, device=DEVICE, requires_grad=True)
     w = torch.randn(c, din, dtype=torch.float64, device=DEVICE, requires_grad=True)
     b = torch.randn(c, dtype=torch.float64, device=DEVICE, requires_grad=True)
