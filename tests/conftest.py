@@ -81,3 +81,12 @@ class LargestTensor(TorchDispatchMode):
                 if isinstance(t, torch.Tensor):
                     self.largest = max(self.largest, t.numel() * t.element_size() // 4)
         return out
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight parallel test workers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,13 +18,7 @@ from mammoth_fast.data.synthetic import make_synthetic_set, write_trident_h5
 TINY = json.dumps({"embed_dim": 8, "attn_dim": 4, "dropout": 0.0})
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight parallel test workers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,7 @@ TINY = {"embed_dim": 16, "attn_dim": 8, "dropout": 0.0}  # abmil.base, small and
 TRAIN = ["--epochs", "8", "--lr", "5e-3", "--batch-size", "2", "--overrides", json.dumps(TINY)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight parallel test workers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def read_predictions(path):
