@@ -41,7 +41,8 @@ def _layer(cfg, dtype, seed, **kw):
 CASES = [pytest.param(WIDE, ks, share, torch.float32, id=f"wide_heads-{'slots' if ks else 'tokens'}-{'shared' if share else 'per_expert'}-fp32")
          for ks in (True, False) for share in (True, False)] + [
     pytest.param(WIDE, False, False, torch.float64, id="wide_heads-tokens-per_expert-fp64"),  # every path in 16-wide chunks
-    pytest.param(WIDE_QUERY, True, True, torch.float32, id="wide_query-slots-fp32"),
+    # keep_slots=False: the kernels of keep_slots=True and the combine (keep_slots=True with
+    # wide heads: the wide_heads-slots cases above)
     pytest.param(WIDE_QUERY, False, True, torch.float32, id="wide_query-tokens-fp32"),
 ]
 
