@@ -84,11 +84,7 @@ def create_model(name: str, num_classes: int = 2, checkpoint_path: Optional[str]
     saved by MIL-Lab (keys under ``model.``) or by us, strictly (see load_checkpoint); a
     task other than 'none' needs it, since MIL-Lab's task weights come from their hub."""
     model, config, encoder, task = parse_name(name)
-    if task != NO_TASK and checkpoint_path is None:
-        raise ValueError(
-            f"create_model({name!r}): task {task!r} names pretrained weights that MIL-Lab downloads from the "
-            f"Hugging Face hub; download them and pass checkpoint_path=, or use task '{NO_TASK}'"
-        )
+    check_task(name, task, checkpoint_path)
     kwargs = {"in_dim": ENCODER_DIMS[encoder], **load_config(model, config)}
     valid = (set(kwargs) | set(inspect.signature(MODELS[model]).parameters)) - {"num_classes"}
     unknown = sorted(set(overrides) - valid)
@@ -98,6 +94,16 @@ def create_model(name: str, num_classes: int = 2, checkpoint_path: Optional[str]
     if checkpoint_path is not None:
         load_checkpoint(net, checkpoint_path)
     return net
+
+
+def check_task(name: str, task: str, checkpoint_path) -> None:
+    """A task other than 'none' names weights that MIL-Lab downloads from its hub:
+    they must come as checkpoint_path."""
+    if task != NO_TASK and not checkpoint_path:
+        raise ValueError(
+            f"create_model({name!r}): task {task!r} names pretrained weights that MIL-Lab downloads from the "
+            f"Hugging Face hub; download them and pass checkpoint_path=, or use task '{NO_TASK}'"
+        )
 
 
 def load_checkpoint(net: torch.nn.Module, path) -> None:

@@ -158,11 +158,7 @@ def create_model(model_name: str, num_classes: int = 2, checkpoint_path: str = "
     if model not in MODEL_ENTRYPOINTS:
         raise ValueError(f"create_model({model_name!r}): MIL-Lab has no {model!r}; its models: "
                          f"{sorted(MODEL_ENTRYPOINTS)} (ours: mammoth_fast.mil.create_model)")
-    if task != builder.NO_TASK and not checkpoint_path:
-        raise ValueError(
-            f"create_model({model_name!r}): task {task!r} names pretrained weights that MIL-Lab downloads from "
-            f"the Hugging Face hub; download them and pass checkpoint_path=, or use task '{builder.NO_TASK}'"
-        )
+    builder.check_task(model_name, task, checkpoint_path)
     model_cls, config_cls = MODEL_ENTRYPOINTS[model]
     values = {**builder.load_config(model, config), "in_dim": builder.ENCODER_DIMS[encoder],
               "num_classes": num_classes}
