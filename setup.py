@@ -23,10 +23,13 @@ setup(
         "h5py>=3",
         "scikit-learn>=1.3",  # StratifiedGroupKFold(shuffle=True)
         "tqdm",
+        # mammoth_fast.survival: concordance indices, Brier score, Kaplan-Meier, log-rank; km.png (matplotlib)
+        "scikit-survival>=0.22",
+        "matplotlib",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-xdist", "pytest-benchmark>=4", "mammoth-moe==0.1.2", "numpy", "matplotlib",
-                 "scikit-learn", "mil", "tqdm"],  # mil, scikit-learn, tqdm: tests/test_examples.py
+                 "scikit-learn", "mil", "tqdm", "lifelines"],  # mil, scikit-learn, tqdm: tests/test_examples.py; lifelines: checks of survival
         "bench": ["pytest-benchmark>=4", "mammoth-moe==0.1.2", "matplotlib", "numpy"],
         # mammoth_fast.examples: `mil` ships the MUSK1/MUSK2/UCSB CSV files
         "examples": ["scikit-learn", "mil", "tqdm", "matplotlib", "numpy"],

@@ -2,6 +2,7 @@
 
     mammoth-fast train --features DIR --labels CSV --model NAME --out DIR [options]
     mammoth-fast eval --checkpoint CKPT --features DIR --labels CSV --out DIR [options]
+    mammoth-fast heatmap --checkpoint CKPT --features H5|DIR|LIST --out DIR [--slide WSI] [options]
     torchrun --nproc-per-node=G -m mammoth_fast train ...      (data-parallel on G GPUs)
 
 ``train`` runs k-fold training and evaluation (:func:`mammoth_fast.train.run_train`),
@@ -78,14 +79,16 @@ def _add_input_flags(p: argparse.ArgumentParser) -> None:
                         "folder, a CLAM features folder (h5_files/, pt_files/) or a folder of {slide}.h5 / {slide}.pt "
                         "files; any float dtype")
     p.add_argument("--labels", required=True, metavar="CSV",
-                   help="label table, one row per slide with its slide id, case (patient) id and label; "
-                        "labels may be strings (classes: the distinct labels, sorted)")
+                   help="label table, one row per slide with its slide id, case (patient) id and label (survival: "
+                        "follow-up time and event); labels may be strings (classes: the distinct labels, sorted)")
 
 
 def _add_column_flags(p: argparse.ArgumentParser, from_checkpoint: bool) -> None:
     """The label CSV's column names and --encoder (train and eval)."""
-    for flag, default, what in (("--label-col", "label", "label"), ("--slide-col", "slide_id", "slide id"),
-                                ("--case-col", "case_id", "case (patient) id")):
+    for flag, default, what in (("--label-col", "label", "label (classification)"),
+                                ("--time-col", "time", "follow-up time (survival; any unit, >= 0)"),
+                                ("--event-col", "event", "event indicator (survival; 1: event observed, 0: censored)"),
+                                ("--slide-col", "slide_id", "slide id"), ("--case-col", "case_id", "case (patient) id")):
         p.add_argument(flag, default=None if from_checkpoint else default, metavar="NAME",
                        help=f"the CSV's {what} column (default: "
                             + ("the one the checkpoint was trained with, else " if from_checkpoint else "")
@@ -110,22 +113,36 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,heatmap}")
 
     t = sub.add_parser("train", help="k-fold training and evaluation of a MIL model on slide features",
                        description="k-fold training and evaluation of a MIL model on slide features. Writes "
-                                   "OUT/results.json, OUT/results.md, OUT/run.json, OUT/classes.json, "
+                                   "OUT/results.json, OUT/results.md, OUT/run.json, OUT/classes.json (classification), "
                                    "OUT/splits/splits_{k}.csv, OUT/fold_{k}/checkpoint.pt and "
-                                   "OUT/fold_{k}/predictions.csv. Several GPUs: "
+                                   "OUT/fold_{k}/predictions.csv (survival: one row per case with its risk, and "
+                                   "OUT/fold_{k}/km.png). Several GPUs: "
                                    "torchrun --nproc-per-node=G -m mammoth_fast train ...")
     _add_input_flags(t)
     t.add_argument("--model", required=True, type=_model_name, metavar="NAME",
                    help="create_model name <model>.<config>[.<encoder>], e.g. abmil.base_mammoth; without an "
                         "encoder part the model takes the features' width, with one the widths must agree")
     t.add_argument("--out", required=True, metavar="DIR", help="output folder (created; files in it are replaced)")
+    t.add_argument("--task", choices=("classification", "survival"), default="classification",
+                   help="classification of --label-col, or survival: time to event from --time-col and --event-col, "
+                        "one outcome per case (default: classification)")
+    t.add_argument("--loss", choices=("nll", "cox"), default="nll",
+                   help="survival loss: nll, the discrete-time likelihood over --bins time bins (MCAT / Patho-Bench), "
+                        "or cox, the Cox partial likelihood over each optimizer step's bags (needs --batch-size x "
+                        "--accumulate >= 2; each step gets events where there are enough) (default: nll)")
+    t.add_argument("--bins", type=_int_at_least(1), default=4, metavar="K",
+                   help="survival: time bins, quantiles of the training cases' uncensored times (the nll loss's "
+                        "outputs); the folds are stratified by event and bin (default: 4)")
+    t.add_argument("--alpha", type=_float_in(0.0, False, 1.0), default=0.0,
+                   help="survival nll: extra weight of the uncensored cases' terms, (1 - alpha) * all + alpha * "
+                        "uncensored (MCAT's alpha_surv) (default: 0)")
     t.add_argument("--folds", type=_int_at_least(2), default=None, metavar="K",
-                   help="number of folds, split by case, stratified by label (default: 5; with --splits: the "
-                        "number of splits_{k}.csv files)")
+                   help="number of folds, split by case, stratified by label (survival: by event and time bin) "
+                        "(default: 5; with --splits: the number of splits_{k}.csv files)")
     t.add_argument("--splits", default=None, metavar="DIR",
                    help="reuse these splits: a folder of CLAM's splits_{k}.csv files (columns train, val, test)")
     t.add_argument("--val-frac", type=_float_in(0.0, False, 1.0), default=0.1, metavar="F",
@@ -165,12 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_int_at_least(1), default=1, metavar="B",
                    help="bags per forward (default: 1)")
     _add_run_flags(e)
+
+    from .heatmap.command import add_parser as add_heatmap_parser
+
+    add_heatmap_parser(sub, _int_at_least, _model_name)  # mammoth_fast.heatmap.run_heatmap
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command; 0 on success, 1 on bad input (one line on stderr), 2 on bad flags."""
     args = build_parser().parse_args(argv)
+    if args.command == "heatmap":
+        from .heatmap.command import run as run_heatmap_command
+
+        return run_heatmap_command(args, PROG)
     from .data import DataError
     from .train import TrainError, TrainSettings, close_runtime, init_runtime, run_eval, run_train
 
@@ -181,15 +206,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                 settings = TrainSettings(model=args.model, overrides=args.overrides, epochs=args.epochs, lr=args.lr,
                                          weight_decay=args.weight_decay, batch_size=args.batch_size,
                                          accumulate=args.accumulate, patience=args.patience, balanced=args.balanced,
-                                         backend=args.backend, workers=args.workers)
+                                         backend=args.backend, workers=args.workers, task=args.task, loss=args.loss,
+                                         bins=args.bins, alpha=args.alpha)
                 run_train(args.features, args.labels, args.model, args.out, settings, folds=args.folds,
                           seed=args.seed, splits_dir=args.splits, val_frac=args.val_frac, label_col=args.label_col,
                           slide_col=args.slide_col, case_col=args.case_col, encoder=args.encoder,
-                          cache_dir=args.cache, rt=rt)
+                          cache_dir=args.cache, rt=rt, time_col=args.time_col, event_col=args.event_col)
             else:
                 run_eval(args.checkpoint, args.features, args.labels, args.out, label_col=args.label_col,
                          slide_col=args.slide_col, case_col=args.case_col, encoder=args.encoder,
-                         batch_size=args.batch_size, backend=args.backend, workers=args.workers, rt=rt)
+                         batch_size=args.batch_size, backend=args.backend, workers=args.workers, rt=rt,
+                         time_col=args.time_col, event_col=args.event_col)
         finally:
             close_runtime(rt)
     except (DataError, TrainError) as exc:

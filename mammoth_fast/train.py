@@ -30,7 +30,6 @@ Outputs of :func:`run_train` under ``out``: ``results.json``, ``results.md``,
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import math
 import os
@@ -45,18 +44,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .data import (DataError, FeatureFolder, SlideDataset, Split, class_balanced_sampler, collate_padded,
-                   load_or_build_cache, make_splits, read_labels, read_splits, write_splits)
+from .data import (DataError, FeatureFolder, SlideDataset, Split, collate_padded, load_or_build_cache, make_splits,
+                   read_labels, read_splits, write_splits)
+from .data.survival import read_survival_labels
 from .layer import BACKENDS
 from .mil.builder import ENCODER_DIMS, create_model, load_config, parse_name
+from .tasks import (METRICS, Classification, Predictions, Survival, compute_metrics, epoch_order,  # noqa: F401
+                    write_predictions)
 
 PathLike = Union[str, Path]
-METRICS = ("auroc", "balanced_accuracy", "accuracy", "kappa", "f1_macro")
 CHECKPOINT_FORMAT = "mammoth_fast.train/1"
 
 
@@ -81,6 +81,10 @@ class TrainSettings:
     optimizer: str = "adamw"  # "adamw", or "adam" (the examples' protocol, Ilse et al. 2018)
     backend: str = "auto"  # Mammoth's backend; auto: triton on CUDA, sdpa elsewhere
     workers: int = 0  # DataLoader worker processes reading the bags
+    task: str = "classification"  # or "survival" (mammoth_fast.tasks)
+    loss: str = "nll"  # survival: "nll" (discrete time) or "cox" (partial likelihood over each optimizer step)
+    bins: int = 4  # survival: time bins of the nll loss, and of the folds' strata
+    alpha: float = 0.0  # survival nll: weight of the uncensored terms, (1 - alpha) * all + alpha * uncensored
 
 
 @dataclass(frozen=True)
@@ -278,15 +282,6 @@ def _forward(model: nn.Module, batch, **kwargs) -> dict:
     return model(batch.features, mask=mask, **kwargs)
 
 
-def epoch_order(n: int, labels: np.ndarray, balanced: bool, order_rng: np.random.Generator,
-                draw: torch.Generator) -> np.ndarray:
-    """(n,) indices of one epoch: a permutation from ``order_rng``, or with
-    ``balanced`` n class-balanced draws with replacement from ``draw``."""
-    if balanced:
-        return np.fromiter(class_balanced_sampler(labels, generator=draw), dtype=np.int64, count=n)
-    return order_rng.permutation(n)
-
-
 def rank_batches(order: np.ndarray, batch_size: int, rt: Runtime) -> List[List[int]]:
     """This process's batches of an epoch's ``order``: the order padded to a
     multiple of the process count by repeating its start, process r taking
@@ -297,24 +292,6 @@ def rank_batches(order: np.ndarray, batch_size: int, rt: Runtime) -> List[List[i
         order += order[:rt.world - len(order) % rt.world]
     mine = order[rt.rank::rt.world]
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
-
-
-@dataclass
-class Predictions:
-    """A model's outputs on a dataset, in the dataset's order."""
-    slide_ids: List[str]  # (S,)
-    labels: np.ndarray  # (S,) int64
-    logits: np.ndarray  # (S, C) float32
-
-    @property
-    def probs(self) -> np.ndarray:
-        """(S, C) float32 softmax of the logits."""
-        return torch.from_numpy(self.logits).softmax(-1).numpy()
-
-    @property
-    def loss(self) -> float:
-        """Mean cross-entropy of the logits."""
-        return float(F.cross_entropy(torch.from_numpy(self.logits), torch.from_numpy(self.labels)))
 
 
 @torch.no_grad()
@@ -337,40 +314,6 @@ def predict(net: nn.Module, dataset: SlideDataset, batch_size: int = 1, rt: Runt
     return Predictions(list(dataset.slide_ids), np.asarray(dataset.labels, dtype=np.int64), full)
 
 
-def _auroc(labels: np.ndarray, probs: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    present = np.unique(labels)
-    if len(present) < 2:
-        return float("nan")
-    if probs.shape[1] == 2:
-        return float(roc_auc_score(labels, probs[:, 1]))
-    if len(present) == probs.shape[1]:
-        return float(roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
-    # a class absent from these slides: one-vs-rest over the classes present
-    return float(np.mean([roc_auc_score(labels == c, probs[:, c]) for c in present]))
-
-
-def compute_metrics(labels: np.ndarray, probs: np.ndarray) -> Dict[str, float]:
-    """Scikit-learn's metrics of class probabilities ``probs`` (S, C) against
-    ``labels`` (S,), predictions their argmax: AUROC (of class 1 for two classes;
-    macro one-vs-rest for more, over the classes present), balanced accuracy,
-    accuracy, quadratic-weighted Cohen's kappa (over all C classes), macro F1
-    (over the classes in labels or predictions). NaN where undefined (one class)."""
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, f1_score
-
-    labels = np.asarray(labels)
-    pred = probs.argmax(1)
-    with warnings.catch_warnings():  # undefined values on tiny sets come back as NaN
-        warnings.simplefilter("ignore")
-        kappa = cohen_kappa_score(labels, pred, weights="quadratic", labels=list(range(probs.shape[1])))
-        return {"auroc": _auroc(labels, probs),
-                "balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
-                "accuracy": float(accuracy_score(labels, pred)),
-                "kappa": float(kappa),
-                "f1_macro": float(f1_score(labels, pred, average="macro", zero_division=0))}
-
-
 @dataclass
 class Fit:
     """A trained fold: the model holding the kept state, that state's epoch and
@@ -389,18 +332,24 @@ def _optimizer(settings: TrainSettings, net: nn.Module) -> torch.optim.Optimizer
     raise TrainError(f"unknown optimizer {settings.optimizer!r}: adamw or adam")
 
 
-def fit(settings: TrainSettings, num_classes: int, train_set: SlideDataset, val_set: Optional[SlideDataset],
-        seed: int, rt: Runtime = CPU, bar: Optional[tqdm] = None) -> Fit:
-    """Train one fold (see the module's docstring). Without ``val_set`` (or an
-    empty one) the last epoch's state is kept. ``bar`` advances by one per epoch."""
+def fit(settings: TrainSettings, task: Union[int, Classification, Survival], train_set: SlideDataset,
+        val_set: Optional[SlideDataset], seed: int, rt: Runtime = CPU, bar: Optional[tqdm] = None) -> Fit:
+    """Train one fold (see the module's docstring) on ``task`` (a number of
+    classes is classification). Without ``val_set`` (or an empty one) the last
+    epoch's state is kept. ``bar`` advances by one per epoch. A task whose loss
+    spans the optimizer step (Cox) gets it over all the step's bags, one backward."""
+    if isinstance(task, int):
+        task = Classification([str(c) for c in range(task)])
+    if task.step_loss and rt.world > 1:
+        raise TrainError("the Cox loss under torchrun is not supported (its risk sets would span processes): "
+                         "train with one process, or with --loss nll")
     seed_everything(seed)
-    net = build_model(settings.model, num_classes, settings.overrides, settings.backend, rt.device)
+    net = build_model(settings.model, task.num_outputs, settings.overrides, settings.backend, rt.device)
     model = net
     if rt.world > 1:  # unused parameters: DSMIL's, RRT's and WiKG's (as MIL-Lab's) get no gradient
         model = DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
                                         find_unused_parameters=True)
     opt = _optimizer(settings, net)
-    loss_fn = nn.CrossEntropyLoss()
     order_rng = np.random.default_rng(seed)
     draw = torch.Generator().manual_seed(seed)  # class-balanced draws and DataLoader worker seeds
     use_val = val_set is not None and len(val_set) > 0
@@ -408,18 +357,31 @@ def fit(settings: TrainSettings, num_classes: int, train_set: SlideDataset, val_
     history: List[Dict[str, float]] = []
     for epoch in range(settings.epochs):
         net.train()
-        order = epoch_order(len(train_set), train_set.labels, settings.balanced, order_rng, draw)
+        order = task.epoch_order(train_set, settings.balanced, settings.batch_size * settings.accumulate,
+                                 order_rng, draw)
         batches = rank_batches(order, settings.batch_size, rt)
-        total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # (loss sum, batches)
+        total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # (loss sum, losses)
+        held: List[tuple] = []  # step_loss: (logits, slide ids) of the step's batches so far
         for i, batch in enumerate(_loader(train_set, batches, settings.workers, draw, rt.device)):
             start = i - i % settings.accumulate
             group = min(settings.accumulate, len(batches) - start)  # batches in this optimizer step
             step = i - start == group - 1
             with model.no_sync() if rt.world > 1 and not step else contextlib.nullcontext():
                 with _autocast(rt.device):
-                    loss = _forward(model, batch, label=batch.labels, loss_fn=loss_fn)["loss"]
-                (loss / group).backward()
-            total += torch.stack([loss.detach().double(), loss.new_ones((), dtype=torch.float64)])
+                    out = _forward(model, batch, **task.forward_kwargs(batch))
+                if task.step_loss:
+                    held.append((out["logits"], batch.slide_ids))
+                    loss = None
+                    if step:
+                        loss = task.loss({"logits": torch.cat([h[0] for h in held])},
+                                         [s for h in held for s in h[1]])
+                        loss.backward()
+                        held = []
+                else:
+                    loss = task.loss(out, batch.slide_ids)
+                    (loss / group).backward()
+            if loss is not None:
+                total += torch.stack([loss.detach().double(), loss.new_ones((), dtype=torch.float64)])
             if step:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -427,7 +389,7 @@ def fit(settings: TrainSettings, num_classes: int, train_set: SlideDataset, val_
             dist.all_reduce(total)
         record = {"epoch": epoch, "train_loss": float(total[0] / total[1].clamp(min=1))}
         if use_val:
-            record["val_loss"] = predict(net, val_set, settings.batch_size, rt, settings.workers).loss
+            record["val_loss"] = task.val_loss(predict(net, val_set, settings.batch_size, rt, settings.workers))
             if record["val_loss"] < best_loss:
                 best_loss, best_epoch, stale = record["val_loss"], epoch, 0
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -480,20 +442,6 @@ def load_trained(path: PathLike, backend: str = "auto", device: torch.device = C
     return net.eval(), meta
 
 
-def write_predictions(path: PathLike, preds: Predictions, classes: Sequence[str]) -> None:
-    """CSV: slide_id, label (class name), prob_{class} per class."""
-    probs = preds.probs
-    with open(path, "w", newline="") as fh:
-        out = csv.writer(fh, lineterminator="\n")
-        out.writerow(["slide_id", "label", *(f"prob_{c}" for c in classes)])
-        for slide, label, row in zip(preds.slide_ids, preds.labels, probs):
-            out.writerow([slide, classes[label], *(f"{p:.9g}" for p in row)])
-
-
-def _json_value(x: float) -> Optional[float]:
-    return None if x is None or not math.isfinite(x) else float(x)
-
-
 def summarize(per_fold: Sequence[Dict[str, Optional[float]]]):
     """(mean, std) over folds of each metric (population std; undefined values left out; None if all are)."""
     mean, std = {}, {}
@@ -511,15 +459,38 @@ def results_markdown(results: dict, title: str) -> str:
         return "–" if x is None else f"{x:.3f}"
 
     folds = results["folds"]
+    what = (f"survival, {results['loss']} loss" + (f" over {results['bins']} time bins" if results.get("bins") else "")
+            if results.get("task") == "survival" else f"classes: {', '.join(results['classes'])}")
     lines = [f"# {title}", "", f"Test metrics over {len(folds)} folds, mean ± std (population std over folds); "
-             f"classes: {', '.join(results['classes'])}.", "",
+             f"{what}.", "",
              "| metric | mean ± std | " + " | ".join(f"fold {f['fold']}" for f in folds) + " |",
              "|---|---:|" + "---:|" * len(folds)]
-    for key in METRICS:
+    for key in results["mean"]:
         m, s = results["mean"][key], results["std"][key]
         lines.append(f"| {key} | {'–' if m is None else f'{m:.3f} ± {s:.3f}'} | "
                      + " | ".join(cell(f["test"][key]) for f in folds) + " |")
     return "\n".join(lines) + "\n"
+
+
+def check_task_settings(settings: TrainSettings) -> None:
+    """TrainError for a task setting that cannot work."""
+    from .survival import LOSSES
+
+    if settings.task not in ("classification", "survival"):
+        raise TrainError(f"unknown task {settings.task!r}: classification or survival")
+    if settings.task != "survival":
+        return
+    if settings.loss not in LOSSES:
+        raise TrainError(f"unknown survival loss {settings.loss!r}: choose one of {', '.join(LOSSES)}")
+    if settings.balanced:
+        raise TrainError("--balanced draws classes equally often; survival has no classes (leave it out)")
+    if settings.bins < 1:
+        raise TrainError(f"bins must be at least 1, got {settings.bins}")
+    if not 0.0 <= settings.alpha < 1.0:
+        raise TrainError(f"alpha must be in [0, 1), got {settings.alpha}")
+    if settings.loss == "cox" and settings.batch_size * settings.accumulate < 2:
+        raise TrainError("the Cox loss compares the cases of an optimizer step, so it needs several bags per step: "
+                         "raise --batch-size or --accumulate (their product is the bags per step; e.g. --accumulate 16)")
 
 
 def _features_width(folder: FeatureFolder, slide_id: str) -> int:
@@ -534,19 +505,27 @@ def run_train(features: PathLike, labels: PathLike, model: str, out: PathLike, s
               folds: Optional[int] = None, seed: int = 0, splits_dir: Optional[PathLike] = None,
               val_frac: float = 0.1, label_col: str = "label", slide_col: str = "slide_id",
               case_col: str = "case_id", encoder: Optional[str] = None, cache_dir: Optional[PathLike] = None,
-              rt: Runtime = CPU, progress: bool = True) -> dict:
+              rt: Runtime = CPU, progress: bool = True, time_col: str = "time", event_col: str = "event") -> dict:
     """k-fold training of ``model`` on a features folder and label CSV (the
     ``mammoth-fast train`` command); writes the outputs listed in the module's
     docstring on process 0 and returns the results.json dict. Splits come from
     ``splits_dir`` (CLAM's splits_{k}.csv files, ``folds`` must then be None
     or their number) or are made by case (``folds``, default 5, ``val_frac``,
     ``seed``). ``settings.model`` and ``settings.overrides`` are set here from
-    ``model`` and the features' width."""
+    ``model`` and the features' width. ``settings.task`` "survival" reads the
+    label CSV's ``time_col`` and ``event_col`` (:func:`read_survival_labels`)
+    instead of ``label_col``; its folds are stratified by event and time bin."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise TrainError(f"{out}: exists and is not a folder")
     _parse(model)
-    table = read_labels(labels, label_col=label_col, slide_col=slide_col, case_col=case_col)
+    check_task_settings(settings)
+    survival = settings.task == "survival"
+    if survival:
+        table = read_survival_labels(labels, time_col=time_col, event_col=event_col, slide_col=slide_col,
+                                     case_col=case_col, strata_bins=settings.bins)
+    else:
+        table = read_labels(labels, label_col=label_col, slide_col=slide_col, case_col=case_col)
     if splits_dir is not None:
         splits = read_splits(splits_dir, table)
         if folds is not None and folds != len(splits):
@@ -569,46 +548,56 @@ def run_train(features: PathLike, labels: PathLike, model: str, out: PathLike, s
     def write_inputs():
         out.mkdir(parents=True, exist_ok=True)
         write_splits(splits, out / "splits", table)
-        table.save_classes(out / "classes.json")
+        if not survival:
+            table.save_classes(out / "classes.json")
 
     rt.on_main(write_inputs)
-    columns = {"label": label_col, "slide": slide_col, "case": case_col}
+    columns = ({"time": time_col, "event": event_col} if survival else {"label": label_col}) | \
+        {"slide": slide_col, "case": case_col}
     fold_results, fold_runs = [], []
     for k, split in enumerate(splits):
         start = time.perf_counter()
         parts = {name: SlideDataset(table, store, [str(s) for s in ids])  # (make_splits gives numpy strings)
                  for name, ids in zip(Split._fields, split)}
+        task = (Survival(table, settings.loss, parts["train"].slide_ids, settings.bins, settings.alpha,
+                         where=f"fold {k}'s training part") if survival else Classification(table.classes))
         with tqdm(total=settings.epochs, desc=f"fold {k}", unit="epoch", disable=not (progress and rt.main),
                   leave=False) as bar:
-            fitted = fit(settings, len(table.classes), parts["train"], parts["val"], seed + k, rt, bar)
+            fitted = fit(settings, task, parts["train"], parts["val"], seed + k, rt, bar)
         evals = {name: predict(fitted.model, parts[name], settings.batch_size, rt, settings.workers)
                  for name in ("val", "test") if len(parts[name])}
-        metrics = {name: {key: _json_value(v) for key, v in compute_metrics(p.labels, p.probs).items()}
-                   for name, p in evals.items()}
+        metrics = {name: task.metrics(p) for name, p in evals.items()}
         if "val" in evals:
-            metrics["val"]["loss"] = evals["val"].loss
+            metrics["val"]["loss"] = task.val_loss(evals["val"])
+        if survival and "test" in evals and not table.events[[table.index[s] for s in parts["test"].slide_ids]].any():
+            warnings.warn(f"fold {k}: the test part ({len(parts['test'])} slides) has no event; its concordance "
+                          "indices are undefined (null in results.json)")
         fold_results.append({"fold": k, "val": metrics.get("val", {}), "test": metrics.get("test", {})})
         fold_runs.append({"fold": k, "best_epoch": fitted.best_epoch, "epochs_run": len(fitted.history),
                           "seconds": time.perf_counter() - start, "history": fitted.history,
-                          "slides": {name: len(p) for name, p in parts.items()}})
+                          "slides": {name: len(p) for name, p in parts.items()}, **({"bin_edges": task.meta()["bin_edges"]}
+                                                                                     if survival else {})})
         if rt.main:
             fold_dir = out / f"fold_{k}"
             fold_dir.mkdir(exist_ok=True)
             save_checkpoint(fold_dir / "checkpoint.pt", fitted.model, {
-                "format": CHECKPOINT_FORMAT, "model_name": model, "num_classes": len(table.classes),
-                "classes": list(table.classes), "overrides": overrides, "in_dim": in_dim, "fold": k,
-                "columns": columns})
+                "format": CHECKPOINT_FORMAT, "model_name": model, **task.meta(), "overrides": overrides,
+                "in_dim": in_dim, "fold": k, "columns": columns})
             if "test" in evals:
-                write_predictions(fold_dir / "predictions.csv", evals["test"], table.classes)
+                task.write_predictions(fold_dir / "predictions.csv", evals["test"])
+                if survival:
+                    task.km_plot(fold_dir / "km.png", evals["test"], f"fold {k}, test")
             test = metrics.get("test", {})
-            print(f"fold {k}: " + ", ".join(f"{key} {'–' if test.get(key) is None else f'{test[key]:.3f}'}"
-                                            for key in METRICS)
+            print(f"fold {k}: " + ", ".join(f"{key} {'–' if test.get(key) is None else f'{test[key]:.3g}'}"
+                                            for key in task.metric_keys)
                   + f" (epoch {fitted.best_epoch} kept of {len(fitted.history)})", flush=True)
     tested = [f["test"] for f in fold_results if f["test"]]
     if not tested:
         raise DataError("no fold has a test part: nothing to evaluate")
     mean, std = summarize(tested)
-    results = {"classes": list(table.classes), "folds": fold_results, "mean": mean, "std": std}
+    head = ({"task": "survival", "loss": settings.loss, "bins": settings.bins if settings.loss == "nll" else None}
+            if survival else {"classes": list(table.classes)})
+    results = {**head, "folds": fold_results, "mean": mean, "std": std}
     if rt.main:
         (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
         md = results_markdown(results, f"{model} on {Path(labels).name}")
@@ -626,19 +615,30 @@ def run_train(features: PathLike, labels: PathLike, model: str, out: PathLike, s
 def run_eval(checkpoint: PathLike, features: PathLike, labels: PathLike, out: PathLike,
              label_col: Optional[str] = None, slide_col: Optional[str] = None, case_col: Optional[str] = None,
              encoder: Optional[str] = None, batch_size: int = 1, backend: str = "auto", workers: int = 0,
-             rt: Runtime = CPU) -> dict:
+             rt: Runtime = CPU, time_col: Optional[str] = None, event_col: Optional[str] = None) -> dict:
     """Evaluate a checkpoint of :func:`run_train` on every slide of a label CSV
     (the ``mammoth-fast eval`` command): writes ``out/predictions.csv`` and
-    ``out/metrics.json`` and returns the metrics.json dict. Columns default to
-    the ones the checkpoint was trained with; labels are mapped to its classes."""
+    ``out/metrics.json`` (and ``out/km.png`` for survival) and returns the
+    metrics.json dict. Columns default to the ones the checkpoint was trained
+    with; labels are mapped to its classes. A survival checkpoint keeps its time
+    bins; the IPCW metrics estimate the censoring from the evaluated cases."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise TrainError(f"{out}: exists and is not a folder")
     meta = read_checkpoint_meta(checkpoint)
     columns = meta.get("columns", {})
-    table = read_labels(labels, label_col=label_col or columns.get("label", "label"),
-                        slide_col=slide_col or columns.get("slide", "slide_id"),
-                        case_col=case_col or columns.get("case", "case_id"), classes=meta["classes"])
+    slide_col, case_col = slide_col or columns.get("slide", "slide_id"), case_col or columns.get("case", "case_id")
+    survival = meta.get("task") == "survival"
+    if survival:
+        table = read_survival_labels(labels, time_col=time_col or columns.get("time", "time"),
+                                     event_col=event_col or columns.get("event", "event"), slide_col=slide_col,
+                                     case_col=case_col)
+        task = Survival(table, meta["loss"], table.slide_ids, alpha=meta["alpha"], edges=meta["bin_edges"],
+                        where=str(labels))
+    else:
+        table = read_labels(labels, label_col=label_col or columns.get("label", "label"), slide_col=slide_col,
+                            case_col=case_col, classes=meta["classes"])
+        task = Classification(meta["classes"])
     folder = FeatureFolder(features, encoder=encoder)
     dataset = SlideDataset(table, folder)
     width = _features_width(folder, table.slide_ids[0])
@@ -648,15 +648,18 @@ def run_eval(checkpoint: PathLike, features: PathLike, labels: PathLike, out: Pa
     folder.expected_dim = width
     net, _ = load_trained(checkpoint, backend, rt.device)
     preds = predict(net, dataset, batch_size, rt, workers)
-    metrics = {key: _json_value(v) for key, v in compute_metrics(preds.labels, preds.probs).items()}
-    metrics["loss"] = preds.loss
-    result = {"checkpoint": str(checkpoint), "model_name": meta["model_name"], "classes": list(meta["classes"]),
-              "slides": len(dataset), "metrics": metrics}
+    metrics = task.metrics(preds)
+    metrics["loss"] = task.val_loss(preds)
+    head = {"task": "survival", "loss": meta["loss"]} if survival else {"classes": list(meta["classes"])}
+    result = {"checkpoint": str(checkpoint), "model_name": meta["model_name"], **head, "slides": len(dataset),
+              "metrics": metrics}
     if rt.main:
         out.mkdir(parents=True, exist_ok=True)
-        write_predictions(out / "predictions.csv", preds, meta["classes"])
+        task.write_predictions(out / "predictions.csv", preds)
+        if survival:
+            task.km_plot(out / "km.png", preds, Path(labels).name)
         (out / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
-        print(", ".join(f"{k} {'–' if v is None else f'{v:.3f}'}" for k, v in metrics.items()), flush=True)
+        print(", ".join(f"{k} {'–' if v is None else f'{v:.3g}'}" for k, v in metrics.items()), flush=True)
     return result
 
 

@@ -90,8 +90,6 @@ def make_synthetic_set(root: PathLike, layout: str = "trident", num_cases: int =
     fifth of its patches (at least one) are shifted by ``signal`` times a fixed
     random +-1 vector of class c. ``layout``: "trident" or "clam"; ``formats``:
     which of "h5", "pt" to write."""
-    if layout not in ("trident", "clam"):
-        raise ValueError(f"layout must be 'trident' or 'clam', got {layout!r}")
     rng = np.random.default_rng(seed)
     root = Path(root)
     directions = rng.choice([-1.0, 1.0], size=(len(classes), dim))  # (C, D)
@@ -102,6 +100,24 @@ def make_synthetic_set(root: PathLike, layout: str = "trident", num_cases: int =
             case_ids.append(f"case_{c:03d}")
             slide_ids.append(f"case_{c:03d}_slide_{s}")
             labels.append(classes[class_of_case[c]])
+    shifts = [signal * directions[list(classes).index(label)] for label in labels]  # (D,) per slide
+    features_dir = _write_bags(root, layout, slide_ids, shifts, rng, dim, patches, sizes, dtype, formats, encoder)
+    labels_csv = root / "labels.csv"
+    with open(labels_csv, "w", newline="") as fh:
+        out = csv.writer(fh, lineterminator="\n")
+        out.writerow(["case_id", "slide_id", "label"])
+        out.writerows(zip(case_ids, slide_ids, labels))
+    return SyntheticSet(features_dir, labels_csv, slide_ids, case_ids, labels)
+
+
+def _write_bags(root: Path, layout: str, slide_ids: Sequence[str], shifts: Sequence[np.ndarray],
+                rng: np.random.Generator, dim: int, patches: Tuple[int, int], sizes: Optional[Sequence[int]],
+                dtype, formats: Sequence[str], encoder: str) -> Path:
+    """Write each slide's bag: N(0, 1) features (N, dim), a fifth of its patches
+    (at least one) shifted by the slide's ``shifts`` vector (dim,); returns the
+    features folder."""
+    if layout not in ("trident", "clam"):
+        raise ValueError(f"layout must be 'trident' or 'clam', got {layout!r}")
     if layout == "trident":
         features_dir = root / f"features_{encoder}"
         h5_dir = pt_dir = features_dir
@@ -112,7 +128,7 @@ def make_synthetic_set(root: PathLike, layout: str = "trident", num_cases: int =
         n = int(sizes[i % len(sizes)]) if sizes is not None else int(rng.integers(patches[0], patches[1] + 1))
         feats = rng.standard_normal((n, dim), dtype=np.float32)  # (N, D)
         key = rng.permutation(n)[:max(1, n // 5)]
-        feats[key] += signal * directions[list(classes).index(labels[i])]
+        feats[key] += shifts[i]
         feats = feats.astype(dtype)
         if "h5" in formats:
             if layout == "trident":
@@ -121,12 +137,56 @@ def make_synthetic_set(root: PathLike, layout: str = "trident", num_cases: int =
                 write_clam_h5(h5_dir / f"{slide}.h5", feats)
         if "pt" in formats:
             write_pt(pt_dir / f"{slide}.pt", feats)
-    labels_csv = root / "labels.csv"
+    return features_dir
+
+
+class SyntheticSurvivalSet(NamedTuple):
+    features_dir: Path
+    labels_csv: Path  # case_id, slide_id, time, event
+    slide_ids: List[str]
+    case_ids: List[str]
+    risk: np.ndarray  # (cases,) the planted log-hazard of each case
+    times: np.ndarray  # (cases,) observed follow-up
+    events: np.ndarray  # (cases,) int64, 1 = event observed
+
+
+def make_synthetic_survival_set(root: PathLike, layout: str = "trident", num_cases: int = 40,
+                                slides_per_case: Tuple[int, int] = (1, 2), dim: int = 32,
+                                patches: Tuple[int, int] = (1, 300), sizes: Optional[Sequence[int]] = None,
+                                dtype=np.float16, formats: Sequence[str] = ("h5",), signal: float = 1.0,
+                                effect: float = 1.5, censoring: float = 0.3, encoder: str = "synthetic",
+                                seed: int = 0) -> SyntheticSurvivalSet:
+    """A features folder and survival label CSV under ``root``, with a planted
+    risk. Case c has a log-hazard ``effect * z_c``, z_c ~ N(0, 1); its event time
+    is exponential with that hazard (times in months, median about 24 at z = 0),
+    censored by an independent exponential time drawn so that about
+    ``censoring`` of the cases are censored. Its slides' patches are as in
+    :func:`make_synthetic_set`, a fifth shifted by ``signal * z_c`` times a
+    fixed random +-1 vector, so the risk can be read from the features."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    direction = rng.choice([-1.0, 1.0], size=dim)  # (D,)
+    z = rng.standard_normal(num_cases)  # (cases,)
+    event_time = rng.exponential(24.0 / np.log(2.0), num_cases) * np.exp(-effect * z)
+    # censoring hazard: censoring / (1 - censoring) of the event hazard at z = 0, about that share censored
+    cens_time = rng.exponential(24.0 / np.log(2.0) * (1.0 - censoring) / max(censoring, 1e-9), num_cases)
+    times = np.round(np.minimum(event_time, cens_time), 2) + 0.01  # (cases,) > 0
+    events = (event_time <= cens_time).astype(np.int64)
+    case_ids, slide_ids, shifts, rows = [], [], [], []
+    for c in range(num_cases):
+        for s in range(int(rng.integers(slides_per_case[0], slides_per_case[1] + 1))):
+            case_ids.append(f"case_{c:03d}")
+            slide_ids.append(f"case_{c:03d}_slide_{s}")
+            shifts.append(signal * z[c] * direction)
+            rows.append((case_ids[-1], slide_ids[-1], f"{times[c]:.2f}", int(events[c])))
+    features_dir = _write_bags(root, layout, slide_ids, shifts, rng, dim, patches, sizes, dtype, formats, encoder)
+    labels_csv = root / "survival.csv"
     with open(labels_csv, "w", newline="") as fh:
         out = csv.writer(fh, lineterminator="\n")
-        out.writerow(["case_id", "slide_id", "label"])
-        out.writerows(zip(case_ids, slide_ids, labels))
-    return SyntheticSet(features_dir, labels_csv, slide_ids, case_ids, labels)
+        out.writerow(["case_id", "slide_id", "time", "event"])
+        out.writerows(rows)
+    return SyntheticSurvivalSet(features_dir, labels_csv, slide_ids, case_ids, effect * z, times, events)
 
 
-__all__ = ["SyntheticSet", "grid_coords", "make_synthetic_set", "write_clam_h5", "write_pt", "write_trident_h5"]
+__all__ = ["SyntheticSet", "SyntheticSurvivalSet", "grid_coords", "make_synthetic_set", "make_synthetic_survival_set",
+           "write_clam_h5", "write_pt", "write_trident_h5"]
