@@ -22,10 +22,15 @@ repeating its first bags (as torch's DistributedSampler does). Evaluation is
 shared out too, the logits gathered on every process; process 0 writes the
 outputs and builds the features cache while the others wait.
 
+What is learnt and measured is a task (:mod:`mammoth_fast.tasks`):
+classification, or survival (``settings.task``; the NLL or Cox losses of
+:mod:`mammoth_fast.survival`).
+
 Outputs of :func:`run_train` under ``out``: ``results.json``, ``results.md``,
 ``run.json`` (settings, per fold the epoch kept and the loss history),
-``classes.json``, ``splits/splits_{k}.csv`` (+ ``_bool``, ``_descriptor``),
-``fold_{k}/checkpoint.pt`` and ``fold_{k}/predictions.csv``.
+``classes.json`` (classification), ``splits/splits_{k}.csv`` (+ ``_bool``,
+``_descriptor``), ``fold_{k}/checkpoint.pt``, ``fold_{k}/predictions.csv`` and,
+for survival, ``fold_{k}/km.png``.
 """
 from __future__ import annotations
 

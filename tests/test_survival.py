@@ -268,3 +268,27 @@ def test_cox_run_and_bad_settings(tmp_path, capsys):
     assert results["mean"]["c_index"] >= 0.65, results
     ckpt = torch.load(tmp_path / "cox" / "fold_0" / "checkpoint.pt", weights_only=True)
     assert ckpt["num_classes"] == 1 and ckpt["task"] == "survival" and ckpt["columns"]["time"] == "time"
+
+
+def test_folds_without_events(tmp_path, capsys):
+    """A training part without an event is an error naming the fold; a test part
+    without one warns and leaves its concordance indices null."""
+    from mammoth_fast.data import Split, write_splits
+
+    data = make_synthetic_survival_set(tmp_path / "data", num_cases=12, slides_per_case=(1, 1), dim=8,
+                                       patches=(2, 6), censoring=0.4, seed=13)
+    table = read_survival_labels(data.labels_csv)
+    ev = [s for s, e in zip(table.slide_ids, table.events) if e]
+    cens = [s for s, e in zip(table.slide_ids, table.events) if not e]
+    assert len(ev) >= 4 and len(cens) >= 3
+    base = ["train", "--task", "survival", "--features", str(tmp_path / "data"), "--labels", str(data.labels_csv),
+            "--model", "abmil.base", "--epochs", "1", "--overrides", TINY]
+    write_splits([Split(tuple(ev[:-2] + cens[1:]), (), tuple(ev[-2:] + cens[:1])),
+                  Split(tuple(ev[:-2] + cens[1:]), (), tuple(cens[:1]))], tmp_path / "s1", table)
+    with pytest.warns(UserWarning, match="fold 1: the test part .1 slides. has no event"):
+        assert main([*base, "--out", str(tmp_path / "o1"), "--splits", str(tmp_path / "s1")]) == 0
+    results = json.loads((tmp_path / "o1" / "results.json").read_text())
+    assert results["folds"][1]["test"]["c_index"] is None and results["folds"][0]["test"]["c_index"] is not None
+    write_splits([Split(tuple(cens), (), tuple(ev))], tmp_path / "s2", table)
+    assert main([*base, "--out", str(tmp_path / "o2"), "--splits", str(tmp_path / "s2")]) == 1
+    assert f"fold 0's training part ({len(cens)} cases) has no event" in capsys.readouterr().err
