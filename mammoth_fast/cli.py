@@ -7,7 +7,8 @@
 
 ``train`` runs k-fold training and evaluation (:func:`mammoth_fast.train.run_train`),
 ``eval`` evaluates one of its checkpoints on a label CSV
-(:func:`mammoth_fast.train.run_eval`). Bad input (a missing or unreadable file,
+(:func:`mammoth_fast.train.run_eval`), ``heatmap`` scores and draws slides' patches
+with one (:func:`mammoth_fast.heatmap.run_heatmap`). Bad input (a missing or unreadable file,
 a slide without features, a wrong column, a bad flag value) prints one line,
 ``mammoth-fast <command>: error: ...``, and exits non-zero without a traceback.
 """
