@@ -169,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cache", default=None, metavar="DIR",
                    help="build (once; rebuilt when the feature files change) a memory-mapped cache of all bags "
                         "in DIR and read the epochs from it")
+    t.add_argument("--heatmaps", action="store_true",
+                   help="also write mammoth-fast heatmap's scores and pictures for each fold's test slides into "
+                        "OUT/fold_{k}/heatmaps/ (needs .h5 features with coords; a slide without is listed and "
+                        "skipped)")
+    t.add_argument("--slides", dest="wsi_dir", default=None, metavar="DIR",
+                   help="with --heatmaps: whole-slide images (any format openslide reads) matched by slide id, "
+                        "drawn under the heatmaps (default: a blank canvas of each slide's extent)")
+    t.add_argument("--heatmap-size", type=_int_at_least(64), default=2000, metavar="PX",
+                   help="with --heatmaps: the pictures' longest side in pixels (default: 2000)")
     t.add_argument("--overrides", type=_json_object, default={}, metavar="JSON",
                    help="create_model overrides as a JSON object, e.g. '{\"embed_dim\": 256, \"dropout\": 0.1}'")
     _add_run_flags(t)
@@ -212,7 +221,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 run_train(args.features, args.labels, args.model, args.out, settings, folds=args.folds,
                           seed=args.seed, splits_dir=args.splits, val_frac=args.val_frac, label_col=args.label_col,
                           slide_col=args.slide_col, case_col=args.case_col, encoder=args.encoder,
-                          cache_dir=args.cache, rt=rt, time_col=args.time_col, event_col=args.event_col)
+                          cache_dir=args.cache, rt=rt, time_col=args.time_col, event_col=args.event_col,
+                          heatmaps=args.heatmaps, wsi_dir=args.wsi_dir, heatmap_size=args.heatmap_size)
             else:
                 run_eval(args.checkpoint, args.features, args.labels, args.out, label_col=args.label_col,
                          slide_col=args.slide_col, case_col=args.case_col, encoder=args.encoder,

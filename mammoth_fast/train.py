@@ -477,6 +477,20 @@ def results_markdown(results: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _fold_heatmaps(net: nn.Module, folder: FeatureFolder, slide_ids: Sequence[str], out: Path,
+                   wsi_dir: Optional[PathLike], meta: dict, size: int, progress: bool, fold: int) -> None:
+    """``mammoth-fast heatmap``'s outputs for a fold's test slides (see :func:`run_train`)."""
+    from .heatmap import HeatmapOptions, write_heatmaps  # (the heatmap package imports this module)
+
+    items = [(s, folder.path(s), None) for s in slide_ids]
+    summary = write_heatmaps(net, items, out, slides=wsi_dir, meta=meta, options=HeatmapOptions(size=size),
+                             progress=progress, skip_errors=True)
+    if summary["errors"]:
+        first = summary["errors"][0]
+        warnings.warn(f"fold {fold}: no heatmap for {len(summary['errors'])} of {len(items)} test slides (listed in "
+                      f"{out / 'heatmaps.json'}); first, {first['slide_id']!r}: {first['error']}")
+
+
 def check_task_settings(settings: TrainSettings) -> None:
     """TrainError for a task setting that cannot work."""
     from .survival import LOSSES
@@ -510,7 +524,8 @@ def run_train(features: PathLike, labels: PathLike, model: str, out: PathLike, s
               folds: Optional[int] = None, seed: int = 0, splits_dir: Optional[PathLike] = None,
               val_frac: float = 0.1, label_col: str = "label", slide_col: str = "slide_id",
               case_col: str = "case_id", encoder: Optional[str] = None, cache_dir: Optional[PathLike] = None,
-              rt: Runtime = CPU, progress: bool = True, time_col: str = "time", event_col: str = "event") -> dict:
+              rt: Runtime = CPU, progress: bool = True, time_col: str = "time", event_col: str = "event",
+              heatmaps: bool = False, wsi_dir: Optional[PathLike] = None, heatmap_size: int = 2000) -> dict:
     """k-fold training of ``model`` on a features folder and label CSV (the
     ``mammoth-fast train`` command); writes the outputs listed in the module's
     docstring on process 0 and returns the results.json dict. Splits come from
@@ -519,12 +534,19 @@ def run_train(features: PathLike, labels: PathLike, model: str, out: PathLike, s
     ``seed``). ``settings.model`` and ``settings.overrides`` are set here from
     ``model`` and the features' width. ``settings.task`` "survival" reads the
     label CSV's ``time_col`` and ``event_col`` (:func:`read_survival_labels`)
-    instead of ``label_col``; its folds are stratified by event and time bin."""
+    instead of ``label_col``; its folds are stratified by event and time bin.
+    ``heatmaps``: each fold's test slides get ``mammoth-fast heatmap``'s scores
+    and pictures (thumbnails ``heatmap_size`` wide) in ``fold_{k}/heatmaps/``,
+    over their whole-slide images from ``wsi_dir`` (matched by slide id) when
+    given; a slide that cannot be drawn (a .pt file without coords, a bad
+    slide) is listed in ``heatmaps.json`` and warned about, the others are drawn."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise TrainError(f"{out}: exists and is not a folder")
     _parse(model)
     check_task_settings(settings)
+    if wsi_dir is not None and not heatmaps:
+        raise TrainError("--slides gives the whole-slide images under the heatmaps: add --heatmaps")
     survival = settings.task == "survival"
     if survival:
         table = read_survival_labels(labels, time_col=time_col, event_col=event_col, slide_col=slide_col,
@@ -592,6 +614,9 @@ def run_train(features: PathLike, labels: PathLike, model: str, out: PathLike, s
                 task.write_predictions(fold_dir / "predictions.csv", evals["test"])
                 if survival:
                     task.km_plot(fold_dir / "km.png", evals["test"], f"fold {k}, test")
+                if heatmaps:
+                    _fold_heatmaps(fitted.model, folder, parts["test"].slide_ids, fold_dir / "heatmaps", wsi_dir,
+                                   {**task.meta(), "model_name": model}, heatmap_size, progress, k)
             test = metrics.get("test", {})
             print(f"fold {k}: " + ", ".join(f"{key} {'–' if test.get(key) is None else f'{test[key]:.3g}'}"
                                             for key in task.metric_keys)

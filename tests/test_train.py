@@ -55,9 +55,25 @@ def trident_run(tmp_path_factory):
                               dtype=np.float16, signal=2.0, seed=3)
     out = root / "out"
     rc = main(["train", "--features", str(root / "data"), "--labels", str(data.labels_csv), "--model", "abmil.base",
-               "--out", str(out), "--folds", "3", "--cache", str(root / "cache"), *TRAIN])
+               "--out", str(out), "--folds", "3", "--cache", str(root / "cache"), "--heatmaps", "--heatmap-size", "96",
+               *TRAIN])
     assert rc == 0
     return data, out
+
+
+def test_train_writes_heatmaps_of_each_folds_test_slides(trident_run):
+    data, out = trident_run
+    table = read_labels(data.labels_csv)
+    for k, split in enumerate(read_splits(out / "splits", table)):
+        summary = json.loads((out / f"fold_{k}" / "heatmaps" / "heatmaps.json").read_text())
+        assert summary["errors"] == [] and sorted(s["slide_id"] for s in summary["slides"]) == sorted(split.test)
+        for slide in split.test:
+            with open(out / f"fold_{k}" / "heatmaps" / slide / "scores.csv", newline="") as fh:
+                rows = list(csv.DictReader(fh))
+            n = FeatureFolder(data.features_dir).shape(slide)[0][0]
+            assert len(rows) == n and list(rows[0]) == ["x", "y", "attention"]  # ABMIL: attention, no experts
+            assert sum(float(r["attention"]) for r in rows) == pytest.approx(1.0, abs=1e-4)
+            assert (out / f"fold_{k}" / "heatmaps" / slide / "attention.png").is_file()
 
 
 def test_trident_run_learns_and_writes_every_output(trident_run):
