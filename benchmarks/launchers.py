@@ -27,16 +27,19 @@ from .roofline import RECOMMENDED, Sizes
 class LauncherCase:
     name: str
     fn: Callable[[], object]
-    kernels: Tuple[str, ...]  # names in benchmarks.roofline.mammoth_kernels(..., keep_slots=False)
+    kernels: Tuple[str, ...]  # names in benchmarks.roofline.mammoth_kernels(..., keep_slots=False, legacy=...)
 
 
 CASE_NAMES = ("query_fwd", "query_fwd_train", "dispatch_fwd", "experts_fwd", "combine_fwd",
               "query_bwd", "dispatch_bwd", "experts_bwd", "combine_bwd")
 
 
-def build_cases(n: int, dtype: torch.dtype, device, sz: Sizes = RECOMMENDED, seed: int = 0) -> Dict[str, LauncherCase]:
+def build_cases(n: int, dtype: torch.dtype, device, sz: Sizes = RECOMMENDED, seed: int = 0,
+                legacy: bool = False) -> Dict[str, LauncherCase]:
+    """The launchers of the kernel plan ``legacy`` or not (``_launch.legacy_kernels``)."""
     from mammoth_fast import Mammoth, reference
     from mammoth_fast.kernels._launch import acc_dtype
+    from mammoth_fast.kernels.dispatch import dispatch_bwd_fused_ok
     from mammoth_fast.kernels._ops import (combine_backward, combine_forward, dispatch_backward, dispatch_forward,
                                            experts_backward, experts_forward, query_forward, query_norm_backward)
 
@@ -55,9 +58,9 @@ def build_cases(n: int, dtype: torch.dtype, device, sz: Sizes = RECOMMENDED, see
         q3 = q.view(sz.b, n, sz.c)
         k = reference.slot_keys(prm, acc).contiguous()
         lora = (prm.shared_weight, prm.shared_bias, prm.expert_weights, prm.expert_bias, prm.expert_gamma)
-        z, lse_d = dispatch_forward(q3, k, None)
+        z, lse_d = dispatch_forward(q3, k, None, None, legacy)
         y, inv_norm, v = experts_forward(z, *lora)
-        out, lse_c = combine_forward(q3, k, y, None, dtype)
+        out, lse_c = combine_forward(q3, k, y, None, dtype, None, legacy)
         dq_in = torch.randn_like(q)  # gradient of q, as autograd hands it to the query backward
         dz = torch.randn_like(z)
         dy = torch.randn_like(y)
@@ -72,14 +75,16 @@ def build_cases(n: int, dtype: torch.dtype, device, sz: Sizes = RECOMMENDED, see
     cases = [
         ("query_fwd", lambda: query_forward(*qargs), ("query fwd",)),
         ("query_fwd_train", lambda: query_forward(*qargs, store_y=True), ("query fwd (+y)",)),
-        ("dispatch_fwd", lambda: dispatch_forward(q3, k, None), ("dispatch fwd partial", "dispatch fwd merge")),
+        ("dispatch_fwd", lambda: dispatch_forward(q3, k, None, None, legacy),
+         ("dispatch fwd partial", "dispatch fwd merge")),
         ("experts_fwd", lambda: experts_forward(z, *lora), ("experts fwd",)),
-        ("combine_fwd", lambda: combine_forward(q3, k, y, None, dtype), ("combine fwd",)),
+        ("combine_fwd", lambda: combine_forward(q3, k, y, None, dtype, None, legacy), ("combine fwd",)),
         ("query_bwd", query_bwd, ("query norm bwd", "query dW GEMM", "query db (dy.sum)")),
-        ("dispatch_bwd", lambda: dispatch_backward(dz, q3, k, z, lse_d, None, None, True, True),
-         ("dispatch bwd dq", "dispatch bwd dK")),
+        ("dispatch_bwd", lambda: dispatch_backward(dz, q3, k, z, lse_d, None, None, True, True, legacy),
+         ("dispatch bwd (fused)",) if not legacy and dispatch_bwd_fused_ok(sz.p, sz.dh, dtype)
+         else ("dispatch bwd dq", "dispatch bwd dK")),
         ("experts_bwd", lambda: experts_backward(dy, z, *lora, v, inv_norm, True, True), ("experts bwd",)),
-        ("combine_bwd", lambda: combine_backward(dout, q3, k, y, out, lse_c, None, None, True, True, True),
+        ("combine_bwd", lambda: combine_backward(dout, q3, k, y, out, lse_c, None, None, True, True, True, legacy),
          ("combine bwd dq (+delta_c)", "combine bwd dK/dY")),
     ]
     assert tuple(c[0] for c in cases) == CASE_NAMES

@@ -32,7 +32,8 @@ import torch
 
 from mammoth_fast.kernels._launch import split_n
 from mammoth_fast.kernels.combine import combine_dkdy_meta, combine_dq_meta, combine_meta
-from mammoth_fast.kernels.dispatch import dispatch_dq_meta, dispatch_meta
+from mammoth_fast.kernels.dispatch import (dispatch_bwd_fused_ok, dispatch_bwd_meta, dispatch_dk_meta, dispatch_dq_meta,
+                                           dispatch_meta)
 from mammoth_fast.kernels.experts import experts_meta
 from mammoth_fast.kernels.query import query_meta, query_rows_meta
 from mammoth_fast.sizes import LayerSizes as Sizes
@@ -146,10 +147,14 @@ def _dot_kind(dtype: torch.dtype, tf32: bool) -> str:
 
 
 def mammoth_kernels(n: int, dtype: torch.dtype, keep_slots: bool, sz: Sizes = RECOMMENDED,
-                    m: Machine = H100, tf32: bool = False, need_dx: bool = False) -> List[KernelCost]:
+                    m: Machine = H100, tf32: bool = False, need_dx: bool = False,
+                    legacy: bool = False) -> List[KernelCost]:
     """The kernels of the triton backend for one bag set of ``sz.b`` bags of ``n``
-    patches computing in ``dtype``, in the order they run. ``need_dx``: whether
-    feats need a gradient (not in MIL training: the features are fixed)."""
+    patches computing in ``dtype``, in the order they run, as the launchers
+    plan them (their ``*_meta`` functions, and the fused backward where
+    ``*_bwd_fused_ok``; ``legacy``: the legacy kernel plan,
+    ``_launch.legacy_kernels``). ``need_dx``: whether feats need a gradient
+    (not in MIL training: the features are fixed)."""
     s, f, pf = dtype.itemsize, ACC_BYTES, PARAM_BYTES
     b, h, p, dh, do, c, din, d, r, e = sz.b, sz.h, sz.p, sz.dh, sz.do, sz.c, sz.din, sz.d, sz.r, sz.e
     bn = b * n  # patches over all bags
@@ -174,7 +179,7 @@ def mammoth_kernels(n: int, dtype: torch.dtype, keep_slots: bool, sz: Sizes = RE
                           q_tile, 0, note="training: also writes the pre-norm y for the backward"))
 
     # --- dispatch: split-N partials, then the log-sum-exp merge
-    dm = dispatch_meta(p, dh, dtype)
+    dm = dispatch_meta(p, dh, dtype, legacy)
     bp, bnk = dm["BLOCK_P"], dm["BLOCK_N"]
     ns = split_n(n, bnk, -(-p // bp) * dm["NUM_DV"] * b * h, RESIDENT_PER_SM * m.sm_count)[0]
     p_pad, n_pad, tiles = _pad(p, bp), _pad(n, bnk), -(-n // bnk)
@@ -201,7 +206,7 @@ def mammoth_kernels(n: int, dtype: torch.dtype, keep_slots: bool, sz: Sizes = RE
 
     # --- combine (keep_slots=False)
     if not keep_slots:
-        cm = combine_meta(p, dh, do, dtype)
+        cm = combine_meta(p, dh, do, dtype, legacy)
         cp_pad, cn_pad = _pad(p, cm["BLOCK_P"]), _pad(n, cm["BLOCK_N"])
         out.append(KernelCost(
             "combine fwd", "fwd", "triton", dot, 2 * bn * h * p * (dh + do), bn * h * p,
@@ -209,12 +214,14 @@ def mammoth_kernels(n: int, dtype: torch.dtype, keep_slots: bool, sz: Sizes = RE
             2 * b * h * cp_pad * cn_pad * (dh + do), b * h * cn_pad * (cp_pad + cp_pad // cm["BLOCK_P"]),
             chains=("infer", "train"), note=f"{cm['BLOCK_N']} x {cm['BLOCK_P']} tiles: {cp_pad} slots for {p}"))
 
-    # small torch ops of the forward: Wq cast (bf16), slot keys, and Y's cast with keep_slots
+    # small torch ops of the forward: Wq cast, slot keys, and Y's cast with keep_slots
     small_fwd = k_bytes * 2 + (c * din * (4 + s) if s < 4 else 0) + (y_bytes + b * p * d * s if keep_slots and s < 4 else 0)
     out.append(KernelCost("small torch ops (fwd)", "fwd", "torch", "none", 0, 0, small_fwd, 0, 0,
                           chains=("infer", "train"), note="Wq cast, slot keys, casts of Y"))
 
     # ================================================================ backward
+    dispatch_fused = not legacy and dispatch_bwd_fused_ok(p, dh, dtype)
+    c_splits = 0  # n-chunks of the combine backward's partials
     if not keep_slots:
         cq = combine_dq_meta(p, dh, do, dtype)
         qp_pad_c, qn_pad_c = _pad(p, cq["BLOCK_P"]), _pad(n, cq["BLOCK_N"])
@@ -225,8 +232,8 @@ def mammoth_kernels(n: int, dtype: torch.dtype, keep_slots: bool, sz: Sizes = RE
             note="reads q, dO, out, LSE, K, Y; writes dq, delta_c"))
         ck = combine_dkdy_meta(p, dh, do, dtype)
         kp_pad, kn_pad = _pad(p, ck["BLOCK_P"]), _pad(n, ck["BLOCK_N"])
-        ck["n_splits"] = split_n(n, ck["BLOCK_N"], -(-p // ck["BLOCK_P"]) * ck["NUM_V"] * b * h,
-                                 RESIDENT_PER_SM * m.sm_count)[0]
+        ck["n_splits"] = c_splits = split_n(n, ck["BLOCK_N"], -(-p // ck["BLOCK_P"]) * ck["NUM_V"] * b * h,
+                                            RESIDENT_PER_SM * m.sm_count)[0]
         out.append(KernelCost(
             "combine bwd dK/dY", "bwd", "triton", dot, 2 * bn * h * p * (2 * dh + 2 * do), bn * h * p,
             bn * c * s + bn * d * s + 2 * nh + k_bytes + y_bytes + b * h * ck["n_splits"] * p * (dh + do) * f,
@@ -241,16 +248,31 @@ def mammoth_kernels(n: int, dtype: torch.dtype, keep_slots: bool, sz: Sizes = RE
         eprog * (2 * e_tile + 2 * em["BLOCK_S"] * e_dh * e_r), 0,
         note="the four backward products and u recomputed; dv written and read back"))
 
-    dq_meta = dispatch_dq_meta(p, dh, dtype)
-    qp_pad, qn_pad = _pad(p, dq_meta["BLOCK_P"]), _pad(n, dq_meta["BLOCK_N"])
-    out.append(KernelCost(
-        "dispatch bwd dq", "bwd", "triton", dot, 8 * bn * h * p * dh, bn * h * p,
-        bn * c * s + k_bytes + z_bytes + 2 * lse_d + bn * c * s,
-        8 * b * h * qp_pad * qn_pad * dh, b * h * qp_pad * qn_pad))
-    out.append(KernelCost(
-        "dispatch bwd dK", "bwd", "triton", dot, 6 * bn * h * p * dh, bn * h * p,
-        bn * c * s + k_bytes + z_bytes + 2 * lse_d + b * h * ns * p * dh * f,
-        6 * b * h * p_pad * n_pad * dh, b * h * p_pad * n_pad, note=f"{ns} n-chunks of partials"))
+    if dispatch_fused:
+        db = dispatch_bwd_meta(p, dh, dtype)
+        dbp, dbn = _pad(p, db["BLOCK_P"]), _pad(n, db["BLOCK_N"])
+        d_splits = split_n(n, db["BLOCK_N"], b * h, RESIDENT_PER_SM * m.sm_count)[0]
+        out.append(KernelCost(
+            "dispatch bwd (fused)", "bwd", "triton", dot, 10 * bn * h * p * dh, bn * h * p,
+            bn * c * s + k_bytes + z_bytes + 2 * lse_d + bn * c * s + b * h * d_splits * p * dh * f,
+            10 * b * h * dbp * dbn * dh, b * h * dbp * dbn,
+            note=f"dq and dK from one exponential pass: {db['BLOCK_N']} x {db['BLOCK_P']} tiles, {dbp} slots for "
+                 f"{p}; {d_splits} n-chunks of partials"))
+    else:
+        dq_meta = dispatch_dq_meta(p, dh, dtype)
+        qp_pad, qn_pad = _pad(p, dq_meta["BLOCK_P"]), _pad(n, dq_meta["BLOCK_N"])
+        out.append(KernelCost(
+            "dispatch bwd dq", "bwd", "triton", dot, 8 * bn * h * p * dh, bn * h * p,
+            bn * c * s + k_bytes + z_bytes + 2 * lse_d + bn * c * s,
+            8 * b * h * qp_pad * qn_pad * dh, b * h * qp_pad * qn_pad))
+        dkm = dispatch_dk_meta(p, dh, dtype, legacy)
+        kp_pad, kn_pad = _pad(p, dkm["BLOCK_P"]), _pad(n, dkm["BLOCK_N"])
+        d_splits = split_n(n, dkm["BLOCK_N"], -(-p // dkm["BLOCK_P"]) * dkm["NUM_DV"] * b * h,
+                           RESIDENT_PER_SM * m.sm_count)[0]
+        out.append(KernelCost(
+            "dispatch bwd dK", "bwd", "triton", dot, 6 * bn * h * p * dh, bn * h * p,
+            bn * c * s + k_bytes + z_bytes + 2 * lse_d + b * h * d_splits * p * dh * f,
+            6 * b * h * kp_pad * kn_pad * dh, b * h * kp_pad * kn_pad, note=f"{d_splits} n-chunks of partials"))
     if not keep_slots:
         out.append(KernelCost("autograd dq add", "bwd", "torch", "none", 0, 0, 3 * bn * c * s, 0, 0,
                               note="dq of dispatch + dq of combine, summed by autograd"))
@@ -267,10 +289,10 @@ def mammoth_kernels(n: int, dtype: torch.dtype, keep_slots: bool, sz: Sizes = RE
                           bn * c * s + bn * din * s + c * din * s, 2 * bn * c * din, 0))
     out.append(KernelCost("query db (dy.sum)", "bwd", "torch", "none", 0, 0, bn * c * s + c * f, 0, 0))
     # small torch ops of the backward: delta_d, partial sums (dK, dY, expert params, dgamma), casts
-    small_bwd = (2 * z_bytes + lse_d + b * h * ns * p * dh * f + eparts + ngrid * c * f
+    small_bwd = (2 * z_bytes + lse_d + b * h * d_splits * p * dh * f + eparts + ngrid * c * f
                  + (c * din * (s + 4) if s < 4 else 0) + (y_bytes + b * p * d * s if keep_slots and s < 4 else 0))
     if not keep_slots:
-        small_bwd += b * h * ck["n_splits"] * p * (dh + do) * f + 2 * y_bytes
+        small_bwd += b * h * c_splits * p * (dh + do) * f + 2 * y_bytes
     out.append(KernelCost("small torch ops (bwd)", "bwd", "torch", "none", 0, 0, small_bwd, 0, 0,
                           note="delta_d, sums of partials, casts"))
     return out
@@ -327,9 +349,10 @@ def kernel_table(kernels: Sequence[KernelCost], m: Machine = H100) -> str:
 
 
 def totals(n: int, dtype: torch.dtype, keep_slots: bool, sz: Sizes = RECOMMENDED, m: Machine = H100,
-           tf32: bool = False) -> Dict[str, float]:
-    """Floors (seconds) of Mammoth's and nn.Linear's inference forward and training step."""
-    mk = mammoth_kernels(n, dtype, keep_slots, sz, m, tf32)
+           tf32: bool = False, legacy: bool = False) -> Dict[str, float]:
+    """Floors (seconds) of Mammoth's (in the kernel plan ``legacy`` or not) and
+    nn.Linear's inference forward and training step."""
+    mk = mammoth_kernels(n, dtype, keep_slots, sz, m, tf32, legacy=legacy)
     lk = linear_kernels(n, dtype, sz, tf32)
     return {
         "mammoth_fwd": chain_floor(mk, "infer", m), "mammoth_train": chain_floor(mk, "train", m),
@@ -340,29 +363,31 @@ def totals(n: int, dtype: torch.dtype, keep_slots: bool, sz: Sizes = RECOMMENDED
 
 
 def totals_table(n: int, dtype: torch.dtype, keep_slots: bool, sz: Sizes = RECOMMENDED, m: Machine = H100,
-                 tf32: bool = False) -> str:
-    t = totals(n, dtype, keep_slots, sz, m, tf32)
+                 tf32: bool = False, legacy: bool = False) -> str:
+    t = totals(n, dtype, keep_slots, sz, m, tf32, legacy)
     return "\n".join([
-        "| pass | Mammoth floor µs | tile floor µs | nn.Linear floor µs | Mammoth / Linear |",
-        "|---|--:|--:|--:|--:|",
+        "| pass | Mammoth floor µs | tile floor µs | nn.Linear floor µs | Mammoth / Linear | tile floor / Linear |",
+        "|---|--:|--:|--:|--:|--:|",
         f"| forward (inference) | {_us(t['mammoth_fwd'])} | {_us(t['mammoth_fwd_tile'])} | {_us(t['linear_fwd'])} "
-        f"| {t['mammoth_fwd'] / t['linear_fwd']:.2f}x |",
+        f"| {t['mammoth_fwd'] / t['linear_fwd']:.2f}x | {t['mammoth_fwd_tile'] / t['linear_fwd']:.2f}x |",
         f"| forward+backward (training) | {_us(t['mammoth_train'])} | {_us(t['mammoth_train_tile'])} "
-        f"| {_us(t['linear_train'])} | {t['mammoth_train'] / t['linear_train']:.2f}x |",
+        f"| {_us(t['linear_train'])} | {t['mammoth_train'] / t['linear_train']:.2f}x "
+        f"| {t['mammoth_train_tile'] / t['linear_train']:.2f}x |",
     ])
 
 
 def report(n: int, dtypes: Sequence[str], keep_slots: Sequence[bool], sz: Sizes = RECOMMENDED, m: Machine = H100,
-           tf32: bool = False) -> str:
+           tf32: bool = False, legacy: bool = False) -> str:
     parts = []
+    plan = ", legacy kernel plan" if legacy else ""
     for dname in dtypes:
         dtype = DTYPES[dname]
         lk = linear_kernels(n, dtype, sz, tf32)
         parts.append(f"### nn.Linear({sz.din}, {sz.d}), {dname}, N = {n:,}\n\n{kernel_table(lk, m)}\n")
         for ks in keep_slots:
-            mk = mammoth_kernels(n, dtype, ks, sz, m, tf32)
-            parts.append(f"### Mammoth, {dname}, keep_slots={ks}, N = {n:,}\n\n{kernel_table(mk, m)}\n\n"
-                         f"{totals_table(n, dtype, ks, sz, m, tf32)}\n")
+            mk = mammoth_kernels(n, dtype, ks, sz, m, tf32, legacy=legacy)
+            parts.append(f"### Mammoth, {dname}, keep_slots={ks}, N = {n:,}{plan}\n\n{kernel_table(mk, m)}\n\n"
+                         f"{totals_table(n, dtype, ks, sz, m, tf32, legacy)}\n")
     return "\n".join(parts)
 
 
@@ -380,13 +405,15 @@ def document(n: int = 100_000, sz: Sizes = RECOMMENDED, m: Machine = H100) -> st
     tb_t, tb_f = totals(n, bf, True, sz, m), totals(n, bf, False, sz, m)
     tf_t, tf_f = totals(n, fp, True, sz, m), totals(n, fp, False, sz, m)
     tf32_t = totals(n, fp, True, sz, m, tf32=True)
+    lg_t, lg_f = totals(n, bf, True, sz, m, legacy=True), totals(n, bf, False, sz, m, legacy=True)
     disp = kb["dispatch fwd partial"]
     dt = disp.times(m)
     q = kbt["query fwd (+y)"]
     dm = dispatch_meta(sz.p, sz.dh, bf)
-    dqm = dispatch_dq_meta(sz.p, sz.dh, bf)
-    assert dqm["BLOCK_P"] == combine_meta(sz.p, sz.dh, sz.do, bf)["BLOCK_P"] == \
-        combine_dq_meta(sz.p, sz.dh, sz.do, bf)["BLOCK_P"]
+    dm_legacy = dispatch_meta(sz.p, sz.dh, bf, legacy=True)
+    fused = kbt["dispatch bwd (fused)"]
+    legacy_disp = _by_name(mammoth_kernels(n, bf, True, sz, m, legacy=True))["dispatch fwd partial"]
+    cm = combine_meta(sz.p, sz.dh, sz.do, bf)
     exp_kernels = [k for k in kb.values() if k.exps and k.bound(m) == "exp"]
     exp_share_t = sum(k.floor(m) for k in kbt.values() if k.exps and k.bound(m) == "exp") / tb_t["mammoth_train"]
     exp_share_f = sum(k.floor(m) for k in exp_kernels) / tb_f["mammoth_train"]
@@ -433,13 +460,16 @@ GEMM and nn.Linear's dx GEMM are left out of both sides.
 - **dispatch is exp-bound.** Each pass over the logits evaluates N x H x P = {disp.exps / 1e6:.0f} M exponentials:
   {_us(dt['exp'])} µs at the SFU rate, against {_us(dt['matmul'])} µs of tensor-core work (dh = {sz.dh}: only
   {disp.flops / disp.exps:.0f} FLOPs per exponential, where {m.tensor_flops / m.sfu_per_s:.0f} would balance the two) and {_us(dt['memory'])} µs
-  of memory traffic (q read once, with K and the partials: {disp.bytes / 1e6:.1f} MB). The forward pays this once, the backward
-  twice more (dq, dK), and keep_slots=False adds three more passes (combine forward, dq, dK/dY):
+  of memory traffic (q read once, with K and the partials: {disp.bytes / 1e6:.1f} MB). The forward pays this once and
+  the fused dispatch backward once more (dq and dK from one pass; the legacy plan's two backward kernels paid it
+  twice), and keep_slots=False adds three more passes (combine forward, and its backward's dq and dK/dY kernels):
   {100 * exp_share_t:.0f} % of the bf16 training floor with keep_slots=True, {100 * exp_share_f:.0f} % with keep_slots=False.
-- **Padding costs exponentials.** The bf16 dispatch forward and dK use {dm['BLOCK_P']}-slot tiles, so they compute
-  exponentials for {_pad(sz.p, dm['BLOCK_P'])} slots instead of {sz.p}: tile floor {_us(disp.floor(m, tile=True))} µs
-  against {_us(disp.floor(m))} µs. The dispatch dq pass and the combine passes use {dqm['BLOCK_P']}-slot tiles
-  ({_pad(sz.p, dqm['BLOCK_P'])} slots): tile floor {_us(kb['dispatch bwd dq'].floor(m, tile=True))} µs for the dispatch dq.
+- **Padding costs exponentials.** The dispatch forward, its fused backward and the combine forward use
+  {dm['BLOCK_P']}-slot tiles (``slot_block``: at most about 7 % padding), {_pad(sz.p, dm['BLOCK_P'])} slots computed for
+  {sz.p}: tile floor {_us(disp.floor(m, tile=True))} µs against {_us(disp.floor(m))} µs for the dispatch forward and
+  {_us(fused.floor(m, tile=True))} µs for the fused backward. The legacy plan's bf16 dispatch forward and dK used
+  {dm_legacy['BLOCK_P']}-slot tiles ({_pad(sz.p, dm_legacy['BLOCK_P'])} slots; tile floor
+  {_us(legacy_disp.floor(m, tile=True))} µs). The combine backward's kernels use {cm['BLOCK_P']}-slot tiles.
 - **query is memory-bound** in bf16 (the ridge is {m.tensor_flops / m.bytes_per_s:.0f} FLOP/byte): it reads feats
   ({n * sz.din * 2 / 1e6:.1f} MB) and writes q and y: {q.bytes / 1e6:.1f} MB, floor {_us(q.floor(m))} µs. Its backward
   (norm backward, dW GEMM, db) costs {_us(kbt['query norm bwd'].floor(m) + kbt['query dW GEMM'].floor(m) + kbt['query db (dy.sum)'].floor(m))} µs.
@@ -456,9 +486,17 @@ GEMM and nn.Linear's dx GEMM are left out of both sides.
   ({tf_t['mammoth_train'] / tf_t['linear_train']:.2f}x nn.Linear's {_us(tf_t['linear_train'])} µs, an SGEMM),
   keep_slots=False {_us(tf_f['mammoth_train'])} µs ({tf_f['mammoth_train'] / tf_f['linear_train']:.2f}x). With TF32
   allowed (keep_slots=True): {_us(tf32_t['mammoth_train'])} µs against {_us(tf32_t['linear_train'])} µs.
+- **Kernel plans** (``_launch.legacy_kernels``; bf16 training step, tile floors): keep_slots=True
+  {_us(tb_t['mammoth_train_tile'])} µs, {tb_t['mammoth_train_tile'] / tb_t['linear_train']:.2f}x nn.Linear (legacy plan
+  {_us(lg_t['mammoth_train_tile'])} µs, {lg_t['mammoth_train_tile'] / lg_t['linear_train']:.2f}x); keep_slots=False
+  {_us(tb_f['mammoth_train_tile'])} µs, {tb_f['mammoth_train_tile'] / tb_f['linear_train']:.2f}x (legacy
+  {_us(lg_f['mammoth_train_tile'])} µs, {lg_f['mammoth_train_tile'] / lg_f['linear_train']:.2f}x). Issue 19's targets,
+  1.8x and 2.9x, are not met. Smaller tail tiles in the fused dispatch backward (4 x 64 + 32 + 16 = 304 slots
+  for 300) would bring keep_slots=True under 1.8x, but the masked variant without slot dropout kept spilling
+  8 bytes or more on sm_90a at every tile size, warp count and stage count tried (triton 3.9); a fused combine
+  backward (dq, dK and dY from one pass) spilled at the recommended sizes in every configuration tried.
 - Ways below these floors would move work off the SFU (e.g. part of the exponentials as
-  polynomials on the FMA units, as FlashAttention-4 does) or share one exponential pass between
-  dispatch dq and dK (one backward kernel computing both).
+  polynomials on the FMA units, as FlashAttention-4 does).
 
 ## Per kernel
 
@@ -472,6 +510,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
     parser.add_argument("--keep-slots", choices=["true", "false", "both"], default="both")
     parser.add_argument("--tf32", action="store_true", help="fp32 dots and GEMMs on TF32 tensor cores")
+    parser.add_argument("--legacy", action="store_true",
+                        help="the legacy kernel plan (MAMMOTH_FAST_LEGACY_KERNELS=1): two backward kernels per "
+                             "routing stage, 128-slot tiles in the 16-bit dispatch forward")
     parser.add_argument("--write", metavar="PATH", help="write the ROOFLINE.md document (N from --n) to PATH")
     args = parser.parse_args(argv)
     if args.write:
@@ -481,7 +522,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     ks = {"true": [True], "false": [False], "both": [True, False]}[args.keep_slots]
     print(f"Roofline on {H100.name} (floors in µs)\n")
-    print(report(args.n, args.dtype, ks, tf32=args.tf32))
+    print(report(args.n, args.dtype, ks, tf32=args.tf32, legacy=args.legacy))
 
 
 if __name__ == "__main__":

@@ -643,7 +643,9 @@ def plot(rows: List[dict], args, path: Path, title: str) -> None:
 
 
 def kernel_timings(args, device: torch.device) -> List[dict]:
-    """Each launcher at each dtype and N, with do_bench, against its roofline floor."""
+    """Each launcher at each dtype and N, with do_bench, against its roofline floor,
+    in both kernel plans side by side (``plan`` "default" and "legacy",
+    ``mammoth_fast.kernels._launch.legacy_kernels``)."""
     import triton.testing
 
     from .launchers import build_cases
@@ -654,30 +656,33 @@ def kernel_timings(args, device: torch.device) -> List[dict]:
     out = []
     for dname in args.dtype:
         for n in args.n:
-            if out_of_time(args):
-                out.append(dict(dtype=dname, n=n, launcher="(all)", status="skipped",
-                                note="out of time (the run's deadline passed)"))
-                continue
-            try:
-                cases = build_cases(n, DTYPES[dname], device)
-            except Exception as exc:  # noqa: BLE001
-                out.append(dict(dtype=dname, n=n, launcher="(all)", status="error", note=f"{type(exc).__name__}: {exc}"))
-                continue
-            kernels = mammoth_kernels(n, DTYPES[dname], False, m=machine)
-            for c in cases.values():
-                floor = launcher_floor(kernels, c.kernels, machine)
+            for legacy in (False, True):
+                plan = "legacy" if legacy else "default"
+                if out_of_time(args):
+                    out.append(dict(dtype=dname, n=n, plan=plan, launcher="(all)", status="skipped",
+                                    note="out of time (the run's deadline passed)"))
+                    continue
                 try:
-                    c.fn()
-                    us = 1e3 * triton.testing.do_bench(c.fn, warmup=max(1, int(args.rep_ms // 4)),
-                                                       rep=int(args.rep_ms), return_mode="median")
-                    out.append(dict(dtype=dname, n=n, launcher=c.name, kernels=list(c.kernels), status="ok",
-                                    time_us=us, floor_us=floor * 1e6, time_over_floor=us / (floor * 1e6),
-                                    machine=machine.name))
+                    cases = build_cases(n, DTYPES[dname], device, legacy=legacy)
                 except Exception as exc:  # noqa: BLE001
-                    out.append(dict(dtype=dname, n=n, launcher=c.name, status="error", floor_us=floor * 1e6,
+                    out.append(dict(dtype=dname, n=n, plan=plan, launcher="(all)", status="error",
                                     note=f"{type(exc).__name__}: {exc}"))
-            del cases
-            torch.cuda.empty_cache()
+                    continue
+                kernels = mammoth_kernels(n, DTYPES[dname], False, m=machine, legacy=legacy)
+                for c in cases.values():
+                    floor = launcher_floor(kernels, c.kernels, machine)
+                    try:
+                        c.fn()
+                        us = 1e3 * triton.testing.do_bench(c.fn, warmup=max(1, int(args.rep_ms // 4)),
+                                                           rep=int(args.rep_ms), return_mode="median")
+                        out.append(dict(dtype=dname, n=n, plan=plan, launcher=c.name, kernels=list(c.kernels),
+                                        status="ok", time_us=us, floor_us=floor * 1e6,
+                                        time_over_floor=us / (floor * 1e6), machine=machine.name))
+                    except Exception as exc:  # noqa: BLE001
+                        out.append(dict(dtype=dname, n=n, plan=plan, launcher=c.name, status="error",
+                                        floor_us=floor * 1e6, note=f"{type(exc).__name__}: {exc}"))
+                del cases
+                torch.cuda.empty_cache()
     return out
 
 
@@ -685,13 +690,14 @@ def format_kernels(krows: List[dict]) -> str:
     machines = sorted({r["machine"] for r in krows if "machine" in r}) or ["H100"]
     lines = [f"\nkernel launchers: time (do_bench median) against the roofline floor of {', '.join(machines)} "
              "(benchmarks/roofline.py)\n",
-             "| dtype | N | launcher | time µs | floor µs | time / floor |", "|---|--:|---|--:|--:|--:|"]
+             "| dtype | N | plan | launcher | time µs | floor µs | time / floor |", "|---|--:|---|---|--:|--:|--:|"]
     for r in krows:
+        plan = r.get("plan", "default")
         if r["status"] == "ok":
-            lines.append(f"| {r['dtype']} | {r['n']:,} | {r['launcher']} | {r['time_us']:.1f} | {r['floor_us']:.1f} "
-                         f"| {r['time_over_floor']:.2f}x |")
+            lines.append(f"| {r['dtype']} | {r['n']:,} | {plan} | {r['launcher']} | {r['time_us']:.1f} "
+                         f"| {r['floor_us']:.1f} | {r['time_over_floor']:.2f}x |")
         else:
-            lines.append(f"| {r['dtype']} | {r['n']:,} | {r['launcher']} | {r['status']}: {r['note']} | | |")
+            lines.append(f"| {r['dtype']} | {r['n']:,} | {plan} | {r['launcher']} | {r['status']}: {r['note']} | | |")
     return "\n".join(lines)
 
 

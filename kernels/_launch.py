@@ -148,6 +148,7 @@ def input_precision() -> str:
 
 
 TORCH_TO_TL = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+TL_TO_TORCH = {v: k for k, v in TORCH_TO_TL.items()}
 
 
 def mask_arg(mask: torch.Tensor) -> torch.Tensor:
@@ -177,6 +178,62 @@ def cap(dtype: torch.dtype, half: int, fp32: int) -> int:
     if dtype == torch.float64:
         return FP64_MAX_K
     return half if dtype.itemsize <= 2 else fp32
+
+
+# -------------------------------------------------------------- kernel plan
+LOG2E = 1.4426950408889634
+
+_PLAN = {"legacy": os.environ.get("MAMMOTH_FAST_LEGACY_KERNELS", "0") not in ("", "0")}
+
+
+@contextlib.contextmanager
+def legacy_kernels(enabled: bool = True):
+    """Within this block (or everywhere, with the environment variable
+    MAMMOTH_FAST_LEGACY_KERNELS=1), the layer runs the routing kernels of
+    2026-11-29, kept selectable until a GPU run has timed both plans
+    (``benchmarks.gpu_check``):
+
+    - legacy: a subtract and a multiply by log2(e) per logit before exp2,
+      128-slot tiles in the 16-bit dispatch forward and dK, a backward of two
+      kernels per routing stage (each evaluating the exponentials again),
+      Philox slot dropout;
+    - default: log2(e) folded into one FMA per logit in the forwards
+      (``_tiles.exp_minus``; scaling the keys by it instead would round
+      log2(e) K into half-precision dot operands, which measurably loosened
+      the fp16 gradients), slot tiles picked to pad at most about 7 %
+      (``slot_block``), one fused dispatch backward (its exponentials evaluated
+      once; ``dispatch_bwd_fused_ok`` says where it applies), a
+      one-hash-per-logit slot-dropout generator. The combine backward keeps
+      its two kernels (see ``kernels/combine.py``).
+
+    A layer reads the plan at its forward, and its backward follows that plan
+    (the slot-dropout mask must be the same). Read when a launcher runs."""
+    old = _PLAN["legacy"]
+    _PLAN["legacy"] = enabled
+    try:
+        yield
+    finally:
+        _PLAN["legacy"] = old
+
+
+def legacy_plan() -> bool:
+    """Whether the legacy kernel plan is selected (``legacy_kernels``)."""
+    return _PLAN["legacy"]
+
+
+def slot_block(p: int, maximum: int) -> int:
+    """The slot tile (a power of two from MIN_DOT to ``maximum``) for P slots:
+    the largest whose padding stays within about 7 % (ceil(P / b) * b <= 1.07 P),
+    else the one padding least (P = 300: 64, 320 slots; P = 200: 16, 208;
+    P = 100: 16, 112)."""
+    sizes = []
+    b = block(p, maximum=maximum)
+    while b >= MIN_DOT:
+        sizes.append(b)
+        b //= 2
+    padded = {b: -(-p // b) * b for b in sizes}
+    good = [b for b in sizes if padded[b] <= 1.07 * p]
+    return good[0] if good else min(sizes, key=lambda b: (padded[b], -b))
 
 
 # ------------------------------------------------------------------- waves

@@ -129,8 +129,8 @@ def query_norm_backward(dq, y, mean, rstd, gamma, use_layernorm, need_dy, need_d
 
 # ---------------------------------------------------------------- dispatch
 def _dispatch_fwd(q: Tensor, k: Tensor, mask: Optional[Tensor], seed: Optional[Tensor],
-                  p_drop: float) -> List[Tensor]:
-    z, lse = _d.dispatch_forward(q, k, mask, make_drop(seed, p_drop))
+                  p_drop: float, legacy: bool) -> List[Tensor]:
+    z, lse = _d.dispatch_forward(q, k, mask, make_drop(seed, p_drop), legacy)
     return [z, lse]
 
 
@@ -138,34 +138,36 @@ dispatch_fwd = _op("dispatch_fwd", _d._dispatch_partial_kernel, _d._dispatch_mer
 
 
 @dispatch_fwd.register_fake
-def _(q, k, mask, seed, p_drop):
+def _(q, k, mask, seed, p_drop, legacy):
     bsz = q.shape[0]
     h, p, dh = k.shape
     acc = acc_dtype(q.dtype)
     return [q.new_empty(bsz, h, p, dh, dtype=acc), q.new_empty(bsz, h, p, dtype=acc)]
 
 
-def dispatch_forward(q, k, mask, drop=None):
-    z, lse = _call(dispatch_fwd, _dispatch_fwd, q, k, mask, *drop_args(drop, q))
+def dispatch_forward(q, k, mask, drop=None, legacy=False):
+    z, lse = _call(dispatch_fwd, _dispatch_fwd, q, k, mask, *drop_args(drop, q), legacy)
     return z, lse
 
 
 def _dispatch_bwd(dz: Tensor, q: Tensor, k: Tensor, z: Tensor, lse: Tensor, mask: Optional[Tensor],
-                  seed: Optional[Tensor], p_drop: float, need_dq: bool, need_dk: bool) -> List[Tensor]:
-    dq, dk = _d.dispatch_backward(dz, q, k, z, lse, mask, make_drop(seed, p_drop), need_dq, need_dk)
+                  seed: Optional[Tensor], p_drop: float, need_dq: bool, need_dk: bool, legacy: bool) -> List[Tensor]:
+    dq, dk = _d.dispatch_backward(dz, q, k, z, lse, mask, make_drop(seed, p_drop), need_dq, need_dk, legacy)
     return [_opt(dq, q), _opt(dk, z)]
 
 
-dispatch_bwd = _op("dispatch_bwd", _d._dispatch_bwd_dq_kernel, _d._dispatch_bwd_dk_kernel)(_dispatch_bwd)
+dispatch_bwd = _op("dispatch_bwd", _d._dispatch_bwd_kernel, _d._dispatch_bwd_dq_kernel,
+                   _d._dispatch_bwd_dk_kernel)(_dispatch_bwd)
 
 
 @dispatch_bwd.register_fake
-def _(dz, q, k, z, lse, mask, seed, p_drop, need_dq, need_dk):
+def _(dz, q, k, z, lse, mask, seed, p_drop, need_dq, need_dk, legacy):
     return [q.new_empty(q.shape if need_dq else (0,)), z.new_empty(k.shape if need_dk else (0,))]
 
 
-def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq, need_dk):
-    dq, dk = _call(dispatch_bwd, _dispatch_bwd, dz, q, k, z, lse, mask, *drop_args(drop, q), need_dq, need_dk)
+def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq, need_dk, legacy=False):
+    dq, dk = _call(dispatch_bwd, _dispatch_bwd, dz, q, k, z, lse, mask, *drop_args(drop, q), need_dq, need_dk,
+                   legacy)
     return (dq if need_dq else None), (dk if need_dk else None)
 
 
@@ -220,8 +222,8 @@ def experts_backward(dy, z, shared_weight, shared_bias, expert_weights, expert_b
 
 # ----------------------------------------------------------------- combine
 def _combine_fwd(q: Tensor, k: Tensor, y: Tensor, mask: Optional[Tensor], out_dtype: torch.dtype,
-                 seed: Optional[Tensor], p_drop: float) -> List[Tensor]:
-    out, lse = _c.combine_forward(q, k, y, mask, out_dtype, make_drop(seed, p_drop))
+                 seed: Optional[Tensor], p_drop: float, legacy: bool) -> List[Tensor]:
+    out, lse = _c.combine_forward(q, k, y, mask, out_dtype, make_drop(seed, p_drop), legacy)
     return [out, lse]
 
 
@@ -229,21 +231,21 @@ combine_fwd = _op("combine_fwd", _c._combine_fwd_kernel)(_combine_fwd)
 
 
 @combine_fwd.register_fake
-def _(q, k, y, mask, out_dtype, seed, p_drop):
+def _(q, k, y, mask, out_dtype, seed, p_drop, legacy):
     bsz, n, _ = q.shape
     return [q.new_empty(bsz, n, y.shape[2], dtype=out_dtype), q.new_empty(bsz, n, k.shape[0], dtype=acc_dtype(q.dtype))]
 
 
-def combine_forward(q, k, y, mask, out_dtype, drop=None):
-    out, lse = _call(combine_fwd, _combine_fwd, q, k, y, mask, out_dtype, *drop_args(drop, q))
+def combine_forward(q, k, y, mask, out_dtype, drop=None, legacy=False):
+    out, lse = _call(combine_fwd, _combine_fwd, q, k, y, mask, out_dtype, *drop_args(drop, q), legacy)
     return out, lse
 
 
 def _combine_bwd(dout: Tensor, q: Tensor, k: Tensor, y: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
                  seed: Optional[Tensor], p_drop: float, need_dq: bool, need_dk: bool,
-                 need_dy: bool) -> List[Tensor]:
+                 need_dy: bool, legacy: bool) -> List[Tensor]:
     dq, dk, dy = _c.combine_backward(dout, q, k, y, out, lse, mask, make_drop(seed, p_drop),
-                                     need_dq, need_dk, need_dy)
+                                     need_dq, need_dk, need_dy, legacy)
     acc = acc_dtype(q.dtype)
     return [_opt(dq, q), _opt(dk, q, acc), _opt(dy, q, acc)]
 
@@ -252,15 +254,15 @@ combine_bwd = _op("combine_bwd", _c._combine_bwd_dq_kernel, _c._combine_bwd_dkdy
 
 
 @combine_bwd.register_fake
-def _(dout, q, k, y, out, lse, mask, seed, p_drop, need_dq, need_dk, need_dy):
+def _(dout, q, k, y, out, lse, mask, seed, p_drop, need_dq, need_dk, need_dy, legacy):
     acc = acc_dtype(q.dtype)
     return [q.new_empty(q.shape if need_dq else (0,)), q.new_empty(k.shape if need_dk else (0,), dtype=acc),
             q.new_empty(y.shape if need_dy else (0,), dtype=acc)]
 
 
-def combine_backward(dout, q, k, y, out, lse, mask, drop, need_dq, need_dk, need_dy):
+def combine_backward(dout, q, k, y, out, lse, mask, drop, need_dq, need_dk, need_dy, legacy=False):
     dq, dk, dy = _call(combine_bwd, _combine_bwd, dout, q, k, y, out, lse, mask, *drop_args(drop, q),
-                       need_dq, need_dk, need_dy)
+                       need_dq, need_dk, need_dy, legacy)
     return (dq if need_dq else None), (dk if need_dk else None), (dy if need_dy else None)
 
 

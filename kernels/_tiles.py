@@ -1,8 +1,12 @@
-"""Tile loads and dots shared by the dispatch and combine kernels."""
+"""Tile loads, dots and the softmax exponential shared by the dispatch and combine kernels."""
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from ._launch import LOG2E as LOG2E_
+
+LOG2E = tl.constexpr(LOG2E_)
 
 
 @triton.jit
@@ -47,3 +51,15 @@ def dot_rows(A, stride_a, offs_a, a_ok, B, stride_b, offs_b, b_ok,
         b = load_tile(B, offs_b, stride_b, offs_k, b_ok, k_ok).to(DOT_DTYPE)
         out = mma(a, tl.trans(b), out, INPUT_PRECISION, ACC)
     return out
+
+
+@triton.jit
+def exp_minus(s, m, FOLD_LOG2E: tl.constexpr):
+    """exp(s - m) as exp2, for logits s and shifts m (a row or column that
+    broadcasts against them): with FOLD_LOG2E one FMA per logit, s * log2(e) -
+    m * log2(e), the second product taken on m's row; else (the legacy plan) a
+    subtract and a multiply per logit. Exact in the keys: log2(e) is not
+    rounded into half-precision keys."""
+    if FOLD_LOG2E:
+        return tl.exp2(tl.fma(s, LOG2E, -(m * LOG2E)))
+    return tl.exp2((s - m) * LOG2E)

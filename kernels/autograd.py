@@ -10,7 +10,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import _ops
-from ._launch import acc_dtype
+from ._launch import acc_dtype, legacy_plan
 
 
 class QueryFunction(torch.autograd.Function):
@@ -53,9 +53,10 @@ class DispatchFunction(torch.autograd.Function):
     tensor). LSE (B, H, P) is returned for ``return_weights`` and carries no gradient."""
 
     @staticmethod
-    def forward(ctx, q, k, mask, drop):
+    def forward(ctx, q, k, mask, drop, legacy=False):
         seed, ctx.p_drop = _ops.drop_args(drop, q)
-        z, lse = _ops.dispatch_forward(q, k, mask, _ops.make_drop(seed, ctx.p_drop))
+        ctx.legacy = legacy  # the backward follows the forward's kernel plan (its slot-dropout generator)
+        z, lse = _ops.dispatch_forward(q, k, mask, _ops.make_drop(seed, ctx.p_drop), legacy)
         ctx.save_for_backward(q, k, z, lse, mask, seed)
         ctx.mark_non_differentiable(lse)
         return z, lse
@@ -65,8 +66,8 @@ class DispatchFunction(torch.autograd.Function):
     def backward(ctx, dz, _dlse):
         q, k, z, lse, mask, seed = ctx.saved_tensors
         drop = _ops.make_drop(seed, ctx.p_drop)
-        dq, dk = _ops.dispatch_backward(dz, q, k, z, lse, mask, drop, *ctx.needs_input_grad[:2])
-        return dq, dk, None, None
+        dq, dk = _ops.dispatch_backward(dz, q, k, z, lse, mask, drop, *ctx.needs_input_grad[:2], ctx.legacy)
+        return dq, dk, None, None, None
 
 
 class ExpertsFunction(torch.autograd.Function):
@@ -95,9 +96,10 @@ class CombineFunction(torch.autograd.Function):
     no N*H*P tensor."""
 
     @staticmethod
-    def forward(ctx, q, k, y, mask, drop, out_dtype):
+    def forward(ctx, q, k, y, mask, drop, out_dtype, legacy=False):
         seed, ctx.p_drop = _ops.drop_args(drop, q)
-        out, lse = _ops.combine_forward(q, k, y, mask, out_dtype, _ops.make_drop(seed, ctx.p_drop))
+        ctx.legacy = legacy
+        out, lse = _ops.combine_forward(q, k, y, mask, out_dtype, _ops.make_drop(seed, ctx.p_drop), legacy)
         ctx.save_for_backward(q, k, y, out, lse, mask, seed)
         return out
 
@@ -106,13 +108,15 @@ class CombineFunction(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, y, out, lse, mask, seed = ctx.saved_tensors
         drop = _ops.make_drop(seed, ctx.p_drop)
-        dq, dk, dy = _ops.combine_backward(dout, q, k, y, out, lse, mask, drop, *ctx.needs_input_grad[:3])
-        return dq, dk, dy, None, None, None
+        dq, dk, dy = _ops.combine_backward(dout, q, k, y, out, lse, mask, drop, *ctx.needs_input_grad[:3],
+                                           ctx.legacy)
+        return dq, dk, dy, None, None, None, None
 
 
-def dispatch(q, k, mask=None, drop=None):
-    """Differentiable dispatch: q (B, N, C), k (H, P, dh) -> Z (B, H, P, dh)."""
-    return DispatchFunction.apply(q, k, mask, drop)[0]
+def dispatch(q, k, mask=None, drop=None, legacy=None):
+    """Differentiable dispatch: q (B, N, C), k (H, P, dh) -> Z (B, H, P, dh);
+    ``legacy`` None: the selected kernel plan (``_launch.legacy_kernels``)."""
+    return DispatchFunction.apply(q, k, mask, drop, legacy_plan() if legacy is None else legacy)[0]
 
 
 def experts(z, shared_weight, shared_bias, expert_weights, expert_bias, expert_gamma):
@@ -120,6 +124,7 @@ def experts(z, shared_weight, shared_bias, expert_weights, expert_bias, expert_g
     return ExpertsFunction.apply(z, shared_weight, shared_bias, expert_weights, expert_bias, expert_gamma)
 
 
-def combine(q, k, y, mask=None, drop=None, out_dtype=None):
+def combine(q, k, y, mask=None, drop=None, out_dtype=None, legacy=None):
     """Differentiable combine: q (B, N, C), K (H, P, dh), Y (B, P, D) -> out (B, N, D)."""
-    return CombineFunction.apply(q, k, y, mask, drop, out_dtype or q.dtype)
+    return CombineFunction.apply(q, k, y, mask, drop, out_dtype or q.dtype,
+                                 legacy_plan() if legacy is None else legacy)

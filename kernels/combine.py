@@ -19,7 +19,12 @@ tile from q, K and the LSE:
 
 The dq kernel also computes delta_c from the saved output and stores it
 (N * H values) for the dK/dY kernel, which runs after it. Padded patches'
-dO counts as 0: their output is the constant 0.
+dO counts as 0: their output is the constant 0. (A fused backward computing
+dq, dK and dY from one exponential pass, as dispatch's, holds dK and dY of
+all P slots, P x (dh + do) accumulators: at the recommended sizes it spilled
+on sm_90a at every tile size and warp count tried, so combine keeps two.)
+The forward's weights are exp2 of one FMA per logit (``_tiles.exp_minus``)
+outside the legacy plan.
 
 Head widths: outputs are written in slices (out and dY in BLOCK_DO-wide slices
 of do, dq and dK in BLOCK_DH-wide slices of dh), one program each; where dh
@@ -34,17 +39,18 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import LOG2E as LOG2E_
 from ._launch import (Ladder, acc_dtype, block, candidates, cap, check_device, choose, dot_consts, launch, mask_arg,
-                      on_device, split_n)
-from ._slot_dropout import kernel_p_drop, load_seed, seed_tensor, slot_keep_np, slot_keep_pn
-from ._tiles import dot_rows, load_tile, mm, mma
+                      on_device, slot_block, split_n)
+from ._slot_dropout import fast_rng, kernel_p_drop, load_seed, seed_tensor, slot_keep_np, slot_keep_pn
+from ._tiles import dot_rows, exp_minus, load_tile, mm, mma
 
-LOG2E = tl.constexpr(1.4426950408889634)
+LOG2E = tl.constexpr(LOG2E_)
 
 
 @triton.jit
 def _slot_ok(seed, p_drop, b, offs_n, h, p0, N, H, P,
-             HAS_DROP: tl.constexpr, BLOCK_P: tl.constexpr, P_MAJOR: tl.constexpr):
+             HAS_DROP: tl.constexpr, BLOCK_P: tl.constexpr, P_MAJOR: tl.constexpr, FAST_RNG: tl.constexpr):
     """Which logits of the tile of patches offs_n and slots p0 + arange(BLOCK_P)
     take part in the softmax over p: real slots, not slot-dropped.
     (BLOCK_P, BLOCK_N) with P_MAJOR, else (BLOCK_N, BLOCK_P); without HAS_DROP,
@@ -53,11 +59,11 @@ def _slot_ok(seed, p_drop, b, offs_n, h, p0, N, H, P,
     if P_MAJOR:
         ok = (offs_p < P)[:, None]
         if HAS_DROP:
-            ok = ok & slot_keep_pn(seed, p_drop, b, offs_n, h, p0, N, H, P, BLOCK_P)
+            ok = ok & slot_keep_pn(seed, p_drop, b, offs_n, h, p0, N, H, P, BLOCK_P, FAST_RNG)
     else:
         ok = (offs_p < P)[None, :]
         if HAS_DROP:
-            ok = ok & slot_keep_np(seed, p_drop, b, offs_n, h, p0, N, H, P, BLOCK_P)
+            ok = ok & slot_keep_np(seed, p_drop, b, offs_n, h, p0, N, H, P, BLOCK_P, FAST_RNG)
     return ok
 
 
@@ -78,6 +84,7 @@ def _combine_fwd_kernel(
     HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, DH: tl.constexpr, DO: tl.constexpr, NUM_VO: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_DO: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    FOLD_LOG2E: tl.constexpr, FAST_RNG: tl.constexpr,
 ):
     """A do-slice of out for BLOCK_N patches of one head of one bag, all P slots streamed."""
     seed = load_seed(SEED, HAS_DROP)
@@ -110,12 +117,12 @@ def _combine_fwd_kernel(
         else:
             s = dot_rows(q_base, stride_qn, offs_n, n_ok, k_base, DH, offs_p, p_ok, DH, BLOCK_DH,
                          DOT_DTYPE, INPUT_PRECISION, ACC)
-        ok = _slot_ok(seed, p_drop, b, offs_n, h, p0, N, H, P, HAS_DROP, BLOCK_P, False)
+        ok = _slot_ok(seed, p_drop, b, offs_n, h, p0, N, H, P, HAS_DROP, BLOCK_P, False, FAST_RNG)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # every slot so far dropped: avoid inf - inf
         alpha = tl.exp2((m_i - m_ref) * LOG2E)
-        w = tl.exp2((s - m_ref[:, None]) * LOG2E)
+        w = exp_minus(s, m_ref[:, None], FOLD_LOG2E)
         l_i = l_i * alpha + tl.sum(w, axis=1)
         y = load_tile(Y + b * P * D + h * DO, offs_p, D, offs_vo, p_ok, vo_ok).to(DOT_DTYPE)  # (BLOCK_P, BLOCK_DO)
         acc = mma(w.to(DOT_DTYPE), y, acc * alpha[:, None], INPUT_PRECISION, ACC)
@@ -140,6 +147,7 @@ def _combine_bwd_dq_kernel(
     HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, NEED_DQ: tl.constexpr, DH: tl.constexpr, DO: tl.constexpr,
     NUM_VH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DH: tl.constexpr,
     BLOCK_DO: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    FAST_RNG: tl.constexpr,
 ):
     """BLOCK_N patches of one head of one bag: delta_c = dO . out (stored), and
     with NEED_DQ, a dh-slice of dq = sum_p Cw (dO . Y[p] - delta_c) K[p] over all P slots."""
@@ -191,7 +199,7 @@ def _combine_bwd_dq_kernel(
             else:
                 dcw = dot_rows(DOUT + o_base, D, offs_n, keep, y_base, D, offs_p, p_ok, DO, BLOCK_DO,
                                DOT_DTYPE, INPUT_PRECISION, ACC)
-            ok = _slot_ok(seed, p_drop, b, offs_n, h, p0, N, H, P, HAS_DROP, BLOCK_P, False)
+            ok = _slot_ok(seed, p_drop, b, offs_n, h, p0, N, H, P, HAS_DROP, BLOCK_P, False, FAST_RNG)
             w = tl.where(ok, tl.exp2((s - lse[:, None]) * LOG2E), 0.0)  # Cw
             dl = w * (dcw - delta[:, None])
             dq = mma(dl.to(DOT_DTYPE), kv, dq, INPUT_PRECISION, ACC)
@@ -207,7 +215,7 @@ def _combine_bwd_dkdy_kernel(
     HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, NEED_DK: tl.constexpr, NEED_DY: tl.constexpr,
     DH: tl.constexpr, DO: tl.constexpr, NUM_V: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_DO: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr, FAST_RNG: tl.constexpr,
 ):
     """One (p-block x slice v, b*h, n-chunk): partial dK[p] = sum_n dL_c q[n] in
     the v-th dh-slice and dY[p] = sum_n Cw dO[n] in the v-th do-slice (a slice
@@ -256,7 +264,7 @@ def _combine_bwd_dkdy_kernel(
             qv = load_tile(q_base, offs_n, stride_qn, offs_vh, n_ok, vh_ok).to(DOT_DTYPE)
             s = dot_rows(k_base, DH, offs_p, p_ok, q_base, stride_qn, offs_n, n_ok, DH, BLOCK_DH,
                          DOT_DTYPE, INPUT_PRECISION, ACC)
-        ok = _slot_ok(seed, p_drop, b, offs_n, h, pid_p * BLOCK_P, N, H, P, HAS_DROP, BLOCK_P, True)
+        ok = _slot_ok(seed, p_drop, b, offs_n, h, pid_p * BLOCK_P, N, H, P, HAS_DROP, BLOCK_P, True, FAST_RNG)
         w = tl.where(ok, tl.exp2((s - lse[None, :]) * LOG2E), 0.0)  # Cw^T
         if DO <= BLOCK_DO:
             dov = load_tile(do_base, offs_n, D, offs_do, keep, do_ok).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_DO)
@@ -294,13 +302,15 @@ def _wide(dh: int, do: int, heads: dict) -> bool:
     return dh > heads["BLOCK_DH"] or do > heads["BLOCK_DO"]
 
 
-def combine_meta(p: int, dh: int, do: int, dtype: torch.dtype) -> dict:
+def combine_meta(p: int, dh: int, do: int, dtype: torch.dtype, legacy: bool = False) -> dict:
     """Forward: BLOCK_N patches a program and do-slice, the P slots streamed in
-    tiles; fp32 on 8 warps (its FMA dots spill a few bytes on 4 at some sizes),
-    and on 32-patch tiles where dh or do spans several slices."""
+    tiles (``slot_block``; the legacy plan: the power of two up to 64); fp32 on
+    8 warps (its FMA dots spill a few bytes on 4 at some sizes), and on
+    32-patch tiles where dh or do spans several slices."""
     heads = _head_blocks(dh, do, dtype)
     wide = _wide(dh, do, heads)
-    return dict(BLOCK_N=cap(dtype, 64, 32 if wide else 64), BLOCK_P=block(p, maximum=cap(dtype, 64, 64)),
+    block_p = block(p, maximum=cap(dtype, 64, 64)) if legacy else slot_block(p, maximum=cap(dtype, 64, 64))
+    return dict(BLOCK_N=cap(dtype, 64, 32 if wide else 64), BLOCK_P=block_p,
                 NUM_VO=triton.cdiv(do, heads["BLOCK_DO"]), **heads, num_warps=4 if dtype.itemsize <= 2 else 8,
                 num_stages=2)
 
@@ -309,7 +319,7 @@ def combine_dq_meta(p: int, dh: int, do: int, dtype: torch.dtype) -> dict:
     """dq: the forward's tiles, per dh-slice; fp32 on 8 warps, as its FMA dots
     on 4 sit at ptxas's 255-register ceiling on sm_90a, and where dh or do
     spans several slices, 16-bit on 8 warps and fp32 on 32 x 32 tiles, unpipelined."""
-    meta = combine_meta(p, dh, do, dtype)
+    meta = combine_meta(p, dh, do, dtype, legacy=True)
     del meta["NUM_VO"]
     wide = _wide(dh, do, meta)
     half = dtype.itemsize <= 2
@@ -334,10 +344,10 @@ def combine_dkdy_meta(p: int, dh: int, do: int, dtype: torch.dtype) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def combine_metas(p: int, dh: int, do: int, dtype: torch.dtype) -> Ladder:
+def combine_metas(p: int, dh: int, do: int, dtype: torch.dtype, legacy: bool = False) -> Ladder:
     """Tile candidates (``_launch.choose`` takes the first that compiles without
     spills): the meta above, then smaller tiles."""
-    return candidates(combine_meta(p, dh, do, dtype), ("BLOCK_N", "BLOCK_P"))
+    return candidates(combine_meta(p, dh, do, dtype, legacy), ("BLOCK_N", "BLOCK_P"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -351,21 +361,22 @@ def combine_dkdy_metas(p: int, dh: int, do: int, dtype: torch.dtype) -> Ladder:
 
 
 # ------------------------------------------------------------------ launchers
-def _common_args(q: torch.Tensor, mask, drop) -> dict:
+def _common_args(q: torch.Tensor, mask, drop, legacy: bool) -> dict:
     """The mask (bool; an input stands in for an absent one, never a buffer a
-    kernel writes), the slot-dropout (seed, p) and the dtype constexprs."""
+    kernel writes), the slot-dropout (seed, p) and its generator, and the dtype constexprs."""
     seed, p_drop = (seed_tensor(drop[0], q.device), kernel_p_drop(drop[1])) if drop is not None else (q, 0.0)
     return dict(MASK=mask_arg(mask) if mask is not None else q, SEED=seed, p_drop=p_drop,
-                HAS_MASK=mask is not None, HAS_DROP=drop is not None, **dot_consts(q.dtype))
+                HAS_MASK=mask is not None, HAS_DROP=drop is not None, FAST_RNG=fast_rng(drop, legacy),
+                **dot_consts(q.dtype))
 
 
 @on_device
 def combine_forward(q: torch.Tensor, k: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None,
-                    out_dtype: torch.dtype, drop=None):
+                    out_dtype: torch.dtype, drop=None, legacy: bool = False):
     """q (B, N, C) unit stride along C; k (H, P, dh) and y (B, P, D) in the
     accumulator dtype; mask (B, N) bool or None; drop (seed, p) of slot
-    dropout or None. Returns out (B, N, D) in out_dtype and LSE (B, N, H) in
-    the accumulator dtype."""
+    dropout or None; legacy: the legacy kernel plan. Returns out (B, N, D) in
+    out_dtype and LSE (B, N, H) (natural log) in the accumulator dtype."""
     check_device(q, k, y)
     bsz, n, _ = q.shape
     h, p, dh = k.shape
@@ -375,24 +386,27 @@ def combine_forward(q: torch.Tensor, k: torch.Tensor, y: torch.Tensor, mask: tor
     out = torch.empty(bsz, n, d, device=q.device, dtype=out_dtype)
     lse = torch.empty(bsz, n, h, device=q.device, dtype=acc_dtype(q.dtype))
     args = dict(Q=q, K=k, Y=y, OUT=out, LSE=lse, N=n, P=p, H=h, stride_qb=q.stride(0), stride_qn=q.stride(1),
-                stride_ob=out.stride(0), stride_on=out.stride(1), DH=dh, DO=do, **_common_args(q, mask, drop))
-    meta, _ = choose(_combine_fwd_kernel, q.device, args, combine_metas(p, dh, do, q.dtype))
+                stride_ob=out.stride(0), stride_on=out.stride(1), DH=dh, DO=do, FOLD_LOG2E=not legacy,
+                **_common_args(q, mask, drop, legacy))
+    meta, _ = choose(_combine_fwd_kernel, q.device, args, combine_metas(p, dh, do, q.dtype, legacy))
     launch(_combine_fwd_kernel, (triton.cdiv(n, meta["BLOCK_N"]) * meta["NUM_VO"], h, bsz), **args, **meta)
     return out, lse
 
 
 @on_device
-def combine_backward(dout, q, k, y, out, lse, mask, drop, need_dq: bool, need_dk: bool, need_dy: bool):
+def combine_backward(dout, q, k, y, out, lse, mask, drop, need_dq: bool, need_dk: bool, need_dy: bool,
+                     legacy: bool = False):
     """dO (B, N, D) -> dq (B, N, C) in q's dtype, dK (H, P, dh) and dY (B, P, D)
     in the accumulator dtype; None where not needed. dK and dY are reduced
-    over n-chunks (and bags, for dK) from per-program partials: deterministic."""
+    over n-chunks (and bags, for dK) from per-program partials: deterministic.
+    ``legacy`` picks the slot-dropout generator of the forward's plan."""
     bsz, n, c = q.shape
     h, p, dh = k.shape
     d = y.shape[2]
     do = d // h
     dout = dout.contiguous()
     common = dict(Q=q, K=k, Y=y, DOUT=dout, LSE=lse, N=n, P=p, H=h, stride_qb=q.stride(0), stride_qn=q.stride(1),
-                  DH=dh, DO=do, **_common_args(q, mask, drop))
+                  DH=dh, DO=do, **_common_args(q, mask, drop, legacy))
     acc = dict(device=q.device, dtype=acc_dtype(q.dtype))
     dq = dk = dy = None
     delta = torch.empty(bsz, n, h, **acc)  # delta_c: N * H values

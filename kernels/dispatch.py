@@ -20,9 +20,18 @@ BLOCK_D slices, one program each, and each program streams the logits' dh
 products in BLOCK_D chunks (``dot_rows``): the exponentials are recomputed per
 slice, which is cheap exactly where dh is wide (H, and so N * H * P, small).
 
+Softmax weights are exp2 of one FMA per logit, s * log2(e) - m * log2(e),
+the second product taken once per row (``exp_minus``); the legacy plan
+subtracts and multiplies per logit.
+
 Backward (SPEC section 8), weights recomputed tile by tile from q, K and LSE:
-dq per patch tile (all P slots streamed), dK per slot tile and n-chunk
-(partials summed by torch, deterministic).
+one kernel per n-chunk of a (b, h) evaluates each weight once and gives both
+the dq of its patches and a partial dK over its chunk (``_dispatch_bwd_kernel``,
+where the P x dh state of a head fits in registers: ``dispatch_bwd_fused_ok``);
+elsewhere, and in the legacy plan (``_launch.legacy_kernels``), a dq kernel per
+patch tile (all P slots streamed) and a dK kernel per slot tile and n-chunk,
+each recomputing the weights. The dK partials are summed by torch:
+deterministic.
 """
 from __future__ import annotations
 
@@ -32,17 +41,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import (Ladder, acc_dtype, block, candidates, cap, check_device, choose, dot_consts, dot_dtype, launch,
-                      mask_arg, on_device, split_n)
-from ._slot_dropout import kernel_p_drop, load_seed, seed_tensor, slot_keep_np, slot_keep_pn
-from ._tiles import dot_rows, load_tile, mm, mma
+from ._launch import LOG2E as LOG2E_
+from ._launch import (TL_TO_TORCH, Ladder, acc_dtype, block, candidates, cap, check_device, choose,
+                      dot_consts, dot_dtype, launch, mask_arg, on_device, slot_block, split_n)
+from ._slot_dropout import fast_rng, kernel_p_drop, load_seed, seed_tensor, slot_keep_np, slot_keep_pn
+from ._tiles import dot_rows, exp_minus, load_tile, mm, mma
 
-LOG2E = tl.constexpr(1.4426950408889634)
+LOG2E = tl.constexpr(LOG2E_)
 
 
 @triton.jit
 def _patch_ok(MASK, seed, p_drop, b, offs_n, h, p0, n_end, N, H, P,
-              HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, BLOCK_P: tl.constexpr, P_MAJOR: tl.constexpr):
+              HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, BLOCK_P: tl.constexpr, P_MAJOR: tl.constexpr,
+              FAST_RNG: tl.constexpr):
     """Which logits of the tile of patches offs_n and slots p0 + arange(BLOCK_P)
     take part: real patches, not padding, not slot-dropped. (BLOCK_P, BLOCK_N)
     with P_MAJOR, else (BLOCK_N, BLOCK_P); without HAS_DROP, a row or column
@@ -53,11 +64,11 @@ def _patch_ok(MASK, seed, p_drop, b, offs_n, h, p0, n_end, N, H, P,
     if P_MAJOR:
         ok = ok[None, :]
         if HAS_DROP:
-            ok = ok & slot_keep_pn(seed, p_drop, b, offs_n, h, p0, N, H, P, BLOCK_P)
+            ok = ok & slot_keep_pn(seed, p_drop, b, offs_n, h, p0, N, H, P, BLOCK_P, FAST_RNG)
     else:
         ok = ok[:, None]
         if HAS_DROP:
-            ok = ok & slot_keep_np(seed, p_drop, b, offs_n, h, p0, N, H, P, BLOCK_P)
+            ok = ok & slot_keep_np(seed, p_drop, b, offs_n, h, p0, N, H, P, BLOCK_P, FAST_RNG)
     return ok
 
 
@@ -69,6 +80,7 @@ def _dispatch_partial_kernel(
     HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, DH: tl.constexpr, NUM_DV: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    FOLD_LOG2E: tl.constexpr, FAST_RNG: tl.constexpr,
 ):
     """One (p-block x dh-slice, b*h, n-chunk): partial (m, l, acc) over the chunk's patches."""
     seed = load_seed(SEED, HAS_DROP)
@@ -104,12 +116,12 @@ def _dispatch_partial_kernel(
             s = dot_rows(k_base, DH, offs_p, p_ok, q_base, stride_qn, offs_n, n_ok, DH, BLOCK_D,
                          DOT_DTYPE, INPUT_PRECISION, ACC)
         ok = _patch_ok(MASK, seed, p_drop, b, offs_n, h, pid_p * BLOCK_P, n_end, N, H, P,
-                       HAS_MASK, HAS_DROP, BLOCK_P, True)
+                       HAS_MASK, HAS_DROP, BLOCK_P, True, FAST_RNG)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no patch yet: avoid inf - inf
         alpha = tl.exp2((m_i - m_ref) * LOG2E)
-        w = tl.exp2((s - m_ref[:, None]) * LOG2E)
+        w = exp_minus(s, m_ref[:, None], FOLD_LOG2E)
         l_i = l_i * alpha + tl.sum(w, axis=1)
         acc = mma(w.to(DOT_DTYPE), qv, acc * alpha[:, None], INPUT_PRECISION, ACC)
         m_i = m_new
@@ -165,7 +177,7 @@ def _dispatch_bwd_dq_kernel(
     stride_qb, stride_qn, stride_dqb, stride_dqn,
     HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, DH: tl.constexpr, NUM_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr, FAST_RNG: tl.constexpr,
 ):
     """A dh-slice of dq for BLOCK_N patches of one (b, h), all P slots streamed:
     dq = sum_p Dw dZ[p] + sum_p Dw (dZ[p] . q - delta[p]) K[p]."""
@@ -200,7 +212,7 @@ def _dispatch_bwd_dq_kernel(
                          DOT_DTYPE, INPUT_PRECISION, ACC)
             dw = dot_rows(q_base, stride_qn, offs_n, n_ok, dz_base, DH, offs_p, p_ok, DH, BLOCK_D,
                           DOT_DTYPE, INPUT_PRECISION, ACC)
-        ok = _patch_ok(MASK, seed, p_drop, b, offs_n, h, p0, N, N, H, P, HAS_MASK, HAS_DROP, BLOCK_P, False)
+        ok = _patch_ok(MASK, seed, p_drop, b, offs_n, h, p0, N, N, H, P, HAS_MASK, HAS_DROP, BLOCK_P, False, FAST_RNG)
         w = tl.where(ok, tl.exp2((s - lse[None, :]) * LOG2E), 0.0)  # Dw^T
         dl = w * (dw - delta[None, :])
         dq = mma(w.to(DOT_DTYPE), dzv, dq, INPUT_PRECISION, ACC)
@@ -216,7 +228,7 @@ def _dispatch_bwd_dk_kernel(
     stride_qb, stride_qn,
     HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, DH: tl.constexpr, NUM_DV: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr, FAST_RNG: tl.constexpr,
 ):
     """Partial dK over one n-chunk for a (p-block x dh-slice) of one (b, h):
     dK[p] = sum_n Dw (dZ[p] . q - delta[p]) q[n]; summed over chunks and bags by the launcher."""
@@ -256,7 +268,7 @@ def _dispatch_bwd_dk_kernel(
             dw = dot_rows(dz_base, DH, offs_p, p_ok, q_base, stride_qn, offs_n, n_ok, DH, BLOCK_D,
                           DOT_DTYPE, INPUT_PRECISION, ACC)
         ok = _patch_ok(MASK, seed, p_drop, b, offs_n, h, pid_p * BLOCK_P, n_end, N, H, P,
-                       HAS_MASK, HAS_DROP, BLOCK_P, True)
+                       HAS_MASK, HAS_DROP, BLOCK_P, True, FAST_RNG)
         w = tl.where(ok, tl.exp2((s - lse[:, None]) * LOG2E), 0.0)  # Dw
         dl = w * (dw - delta[:, None])
         dk = mma(dl.to(DOT_DTYPE), qv, dk, INPUT_PRECISION, ACC)
@@ -264,29 +276,146 @@ def _dispatch_bwd_dk_kernel(
     tl.store(DK_PART + part[:, None] * DH + offs_v[None, :], dk, mask=p_ok[:, None] & v_ok[None, :])
 
 
+@triton.jit
+def zeros_tiles(NUM: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, ACC: tl.constexpr):
+    """A tuple of NUM zero (ROWS, COLS) accumulators."""
+    tiles = ()
+    for _ in tl.static_range(NUM):
+        tiles = tiles + (tl.zeros([ROWS, COLS], ACC),)
+    return tiles
+
+
+@triton.jit
+def _dispatch_bwd_tile(q, dq, dk, K_HEAD, DZ_HEAD, LSE_HEAD, DELTA_HEAD, MASK, seed, p_drop, b, offs_n, h, n_end,
+                       N, H, P, p0, ROWS: tl.constexpr, DH: tl.constexpr, BLOCK_D: tl.constexpr,
+                       HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, NEED_DQ: tl.constexpr, NEED_DK: tl.constexpr,
+                       DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+                       FAST_RNG: tl.constexpr):
+    """The slots p0 .. p0 + ROWS against a tile of patches q (BLOCK_N, BLOCK_D):
+    dq (BLOCK_N, BLOCK_D) += sum_p Dw dZ + sum_p dL K, dk (ROWS, BLOCK_D) += dL^T q."""
+    offs_p = p0 + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    p_ok = offs_p < P
+    k = load_tile(K_HEAD, offs_p, DH, offs_d, p_ok, offs_d < DH).to(DOT_DTYPE)  # (ROWS, BLOCK_D)
+    dz = load_tile(DZ_HEAD, offs_p, DH, offs_d, p_ok, offs_d < DH).to(DOT_DTYPE)
+    lse = tl.load(LSE_HEAD + offs_p, mask=p_ok, other=float("inf"))  # +inf: weight 0
+    delta = tl.load(DELTA_HEAD + offs_p, mask=p_ok, other=0.0)
+    s = mm(q, tl.trans(k), INPUT_PRECISION, ACC)  # (BLOCK_N, ROWS)
+    ok = _patch_ok(MASK, seed, p_drop, b, offs_n, h, p0, n_end, N, H, P, HAS_MASK, HAS_DROP, ROWS, False, FAST_RNG)
+    w = tl.where(ok, exp_minus(s, lse[None, :], True), 0.0)  # Dw^T
+    dl = w * (mm(q, tl.trans(dz), INPUT_PRECISION, ACC) - delta[None, :])  # dL^T
+    if NEED_DQ:
+        dq = mma(w.to(DOT_DTYPE), dz, dq, INPUT_PRECISION, ACC)
+        dq = mma(dl.to(DOT_DTYPE), k, dq, INPUT_PRECISION, ACC)
+    if NEED_DK:
+        dk = mma(tl.trans(dl.to(DOT_DTYPE)), q, dk, INPUT_PRECISION, ACC)
+    return dq, dk
+
+
+@triton.jit
+def per_tile(pointers, n0):
+    """``pointers`` (a tuple), offset by 0 in a way the compiler cannot see
+    through (n0 // (2**31 - 1) is 0 for every n0 < N < 2**31): loads from them
+    stay inside the loop over tiles of patches instead of being hoisted out of
+    it, which would hold every slot tile's operands in registers at once."""
+    zero = n0 // 2147483647
+    out = ()
+    for i in tl.static_range(len(pointers)):
+        out = out + (pointers[i] + zero,)
+    return out
+
+
+@triton.jit
+def store_slot_rows(BASE, acc, p0, P, COLS: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A (ROWS, BLOCK_C) accumulator to the rows p0 .. p0 + ROWS (below P) of BASE (P, COLS)."""
+    offs_p = p0 + tl.arange(0, ROWS)
+    offs_c = tl.arange(0, BLOCK_C)
+    tl.store(BASE + offs_p[:, None] * COLS + offs_c[None, :], acc, mask=(offs_p < P)[:, None] & (offs_c < COLS)[None, :])
+
+
+@triton.jit
+def _dispatch_bwd_kernel(
+    Q, K, DZ, LSE, DELTA, MASK, DQ, DK_PART,
+    N, P, H, n_per_split, SEED, p_drop,
+    stride_qb, stride_qn, stride_dqb, stride_dqn,
+    HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, NEED_DQ: tl.constexpr, NEED_DK: tl.constexpr, DH: tl.constexpr,
+    NUM_PT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr, FAST_RNG: tl.constexpr,
+):
+    """The dispatch backward of one n-chunk of one (b, h), its exponentials
+    evaluated once: per tile of BLOCK_N patches, against all P slots (NUM_PT
+    tiles of BLOCK_P, unrolled), the weights Dw = exp(L - LSE) (``exp_minus``),
+    dL = Dw (dZ . q - delta), then the tile's dq = sum_p Dw dZ + sum_p dL K
+    (stored) and the chunk's partial dK[p] = sum_n dL q[n] (summed by the
+    launcher), whose accumulators for all P slots stay in registers
+    (``dispatch_bwd_fused_ok``). K and dZ come in the dot dtype (cast once by
+    the launcher) and are re-read per tile of patches from the cache
+    (``per_tile``). Smaller tail tiles (P = 300 as 4 x 64 + 32 + 16) would
+    compute 304 slots instead of 320, but the masked variant without slot
+    dropout spilled on sm_90a at every tile size, warp and stage count tried
+    (triton 3.9), where the uniform tiles do not."""
+    seed = load_seed(SEED, HAS_DROP)
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    n_splits = tl.num_programs(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < DH
+    q_base = Q + b * stride_qb + h * DH
+    heads_0 = (K + h * P * DH, DZ + pid_bh * P * DH, LSE + pid_bh * P, DELTA + pid_bh * P)  # this (b, h)'s slot data
+    dk = zeros_tiles(NUM_PT, BLOCK_P, BLOCK_D, ACC)
+    n_start = pid_s * n_per_split
+    n_end = tl.minimum(n_start + n_per_split, N)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < n_end
+        q = load_tile(q_base, offs_n, stride_qn, offs_d, n_ok, d_ok).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_D)
+        heads = per_tile(heads_0, n0)
+        dq = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+        dk_next = ()
+        for t in tl.static_range(NUM_PT):
+            dq, dk_t = _dispatch_bwd_tile(q, dq, dk[t], *heads, MASK, seed, p_drop, b, offs_n, h, n_end, N, H, P,
+                                          t * BLOCK_P, BLOCK_P, DH, BLOCK_D, HAS_MASK, HAS_DROP, NEED_DQ, NEED_DK,
+                                          DOT_DTYPE, INPUT_PRECISION, ACC, FAST_RNG)
+            dk_next = dk_next + (dk_t,)
+        dk = dk_next
+        if NEED_DQ:
+            tl.store(DQ + b * stride_dqb + offs_n[:, None].to(tl.int64) * stride_dqn + h * DH + offs_d[None, :],
+                     dq.to(DQ.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+    if NEED_DK:
+        part = DK_PART + (pid_bh * n_splits + pid_s) * P * DH  # (B*H, n_splits, P, DH)
+        for t in tl.static_range(NUM_PT):
+            store_slot_rows(part, dk[t], t * BLOCK_P, P, DH, BLOCK_P, BLOCK_D)
+
+
 # ------------------------------------------------------------------ tile sizes
-def dispatch_meta(p: int, dh: int, dtype: torch.dtype) -> dict:
+def dispatch_meta(p: int, dh: int, dtype: torch.dtype, legacy: bool = False) -> dict:
     """Tiles of the forward partials and dK: BLOCK_P x BLOCK_N logits, dh in
     BLOCK_D slices.
 
-    16-bit inputs: 128 x 64 logit tiles, dh slices up to 64; the dots run on
-    tensor cores and the cost is reading q once per p-block. fp32: 64 x 32,
-    slices up to 32: its IEEE dots are FMA loops on operands held in
-    registers, and wider tiles spill on sm_90a (BLOCK_P = 64 also pads P = 300
-    to 320 slots rather than 384). fp64 (gradcheck): 16-wide tiles."""
+    16-bit inputs: 64 x 64 logit tiles (slot tiles from ``slot_block``: P =
+    300 computes 320 slots), dh slices up to 64; the dots run on tensor cores
+    and the cost is reading q once per p-block (the legacy plan: 128-slot
+    tiles, 384 slots for 300). fp32: 64 x 32, slices up to 32: its IEEE dots
+    are FMA loops on operands held in registers, and wider tiles spill on
+    sm_90a. fp64 (gradcheck): 16-wide tiles."""
     half = dtype.itemsize <= 2
     block_d = block(dh, maximum=cap(dtype, 64, 32))
-    block_p = block(p, maximum=cap(dtype, 128 if block_d <= 32 else 64, 64))
+    if legacy:
+        block_p = block(p, maximum=cap(dtype, 128 if block_d <= 32 else 64, 64))
+    else:
+        block_p = slot_block(p, maximum=cap(dtype, 64, 64))
     return dict(BLOCK_P=block_p, BLOCK_N=cap(dtype, 64, 32), BLOCK_D=block_d, NUM_DV=triton.cdiv(dh, block_d),
                 num_warps=4 if half or block_d <= 16 else 8, num_stages=2)
 
 
-def dispatch_dk_meta(p: int, dh: int, dtype: torch.dtype) -> dict:
+def dispatch_dk_meta(p: int, dh: int, dtype: torch.dtype, legacy: bool = False) -> dict:
     """dK partials: the forward's grid and tiles; 16-bit on 8 warps (on 4, the
     128-slot tiles of the slot-dropout variant spill on sm_90a), fp32
     unpipelined (with 2 stages triton 3.6's ptxas spills 8 bytes in the
     slot-dropout variant) and, where dh spans several slices, 32-slot tiles."""
-    meta = dispatch_meta(p, dh, dtype)
+    meta = dispatch_meta(p, dh, dtype, legacy)
     if dtype.itemsize <= 2:
         return {**meta, "num_warps": 8}
     return {**meta, "num_stages": 1, **({"BLOCK_P": 32} if meta["NUM_DV"] > 1 else {})}
@@ -304,23 +433,54 @@ def dispatch_dq_meta(p: int, dh: int, dtype: torch.dtype) -> dict:
                 num_stages=2)
 
 
+FUSED_BWD_MAX_VALUES = 8192
+"""The fused backward holds the dK accumulators of all P slots of a head in
+registers: it runs where the padded P x dh tile is at most this many values
+(P = 300, dh = 16: 5120, 40 fp32 registers a thread on 4 warps); wider heads
+or more slots take the two-kernel backward."""
+
+
+def dispatch_bwd_meta(p: int, dh: int, dtype: torch.dtype) -> dict:
+    """The fused backward: BLOCK_N patches a step against all slots in NUM_PT
+    tiles of ``slot_block`` slots (P = 300: 5 x 64), the head whole (dh <=
+    BLOCK_D); 4 warps, pipelined (the spill-free choice at the recommended
+    size on sm_90a for every flag variant: 8 warps replicate the 64-row
+    wgmma accumulators over two warpgroups); fp32's FMA dots on 16-patch steps."""
+    block_d = block(dh, maximum=cap(dtype, 64, 32))
+    block_p = slot_block(p, maximum=cap(dtype, 64, 64))
+    return dict(BLOCK_N=cap(dtype, 64, 16), BLOCK_P=block_p, BLOCK_D=block_d, NUM_PT=triton.cdiv(p, block_p),
+                num_warps=4, num_stages=2)
+
+
+def dispatch_bwd_fused_ok(p: int, dh: int, dtype: torch.dtype) -> bool:
+    """Whether the fused backward runs at these sizes (else the two kernels)."""
+    meta = dispatch_bwd_meta(p, dh, dtype)
+    return dh <= meta["BLOCK_D"] and meta["NUM_PT"] * meta["BLOCK_P"] * meta["BLOCK_D"] <= FUSED_BWD_MAX_VALUES
+
+
 @functools.lru_cache(maxsize=None)
-def dispatch_metas(p: int, dh: int, dtype: torch.dtype) -> Ladder:
+def dispatch_metas(p: int, dh: int, dtype: torch.dtype, legacy: bool = False) -> Ladder:
     """The forward partials' tile candidates (``_launch.choose`` takes the first
     that compiles without spills): ``dispatch_meta``, then smaller tiles."""
-    return candidates(dispatch_meta(p, dh, dtype), ("BLOCK_N", "BLOCK_P"))
+    return candidates(dispatch_meta(p, dh, dtype, legacy), ("BLOCK_N", "BLOCK_P"))
 
 
 @functools.lru_cache(maxsize=None)
-def dispatch_merge_metas(p: int, dh: int, dtype: torch.dtype) -> Ladder:
-    meta = dispatch_meta(p, dh, dtype)
+def dispatch_merge_metas(p: int, dh: int, dtype: torch.dtype, legacy: bool = False) -> Ladder:
+    meta = dispatch_meta(p, dh, dtype, legacy)
     return candidates(dict(BLOCK_P=meta["BLOCK_P"], BLOCK_D=meta["BLOCK_D"], NUM_DV=meta["NUM_DV"], num_warps=4,
                            num_stages=2), ("BLOCK_P",))
 
 
 @functools.lru_cache(maxsize=None)
-def dispatch_dk_metas(p: int, dh: int, dtype: torch.dtype) -> Ladder:
-    return candidates(dispatch_dk_meta(p, dh, dtype), ("BLOCK_N", "BLOCK_P"))
+def dispatch_dk_metas(p: int, dh: int, dtype: torch.dtype, legacy: bool = False) -> Ladder:
+    return candidates(dispatch_dk_meta(p, dh, dtype, legacy), ("BLOCK_N", "BLOCK_P"))
+
+
+@functools.lru_cache(maxsize=None)
+def dispatch_bwd_metas(p: int, dh: int, dtype: torch.dtype) -> Ladder:
+    """The fused backward's candidates: fewer patches a step (the P x dh state does not shrink)."""
+    return candidates(dispatch_bwd_meta(p, dh, dtype), ("BLOCK_N",))
 
 
 @functools.lru_cache(maxsize=None)
@@ -329,32 +489,34 @@ def dispatch_dq_metas(p: int, dh: int, dtype: torch.dtype) -> Ladder:
 
 
 # ------------------------------------------------------------------ launchers
-def _common_args(q: torch.Tensor, mask, drop) -> dict:
+def _common_args(q: torch.Tensor, mask, drop, legacy: bool) -> dict:
     """Kernel arguments shared by all dispatch kernels: the mask (bool; an input
     stands in for an absent one, never a buffer a kernel writes), the
-    slot-dropout (seed, p) and the dtype constexprs."""
+    slot-dropout (seed, p) and its generator, and the dtype constexprs."""
     seed, p_drop = (seed_tensor(drop[0], q.device), kernel_p_drop(drop[1])) if drop is not None else (q, 0.0)
     return dict(MASK=mask_arg(mask) if mask is not None else q, SEED=seed, p_drop=p_drop,
-                HAS_MASK=mask is not None, HAS_DROP=drop is not None, **dot_consts(q.dtype))
+                HAS_MASK=mask is not None, HAS_DROP=drop is not None, FAST_RNG=fast_rng(drop, legacy),
+                **dot_consts(q.dtype))
 
 
 @on_device
-def dispatch_forward(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, drop=None):
+def dispatch_forward(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, drop=None, legacy: bool = False):
     """q (B, N, C) with unit stride along C; k (H, P, dh) contiguous, in the
     accumulator dtype; mask (B, N) bool or None; drop (seed, p) of slot
-    dropout or None. Returns Z (B, H, P, dh) and LSE (B, H, P) in the
-    accumulator dtype (fp32; fp64 for fp64 input)."""
+    dropout or None; legacy: the legacy kernel plan (``_launch.legacy_kernels``).
+    Returns Z (B, H, P, dh) and LSE (B, H, P) (natural log) in the accumulator
+    dtype (fp32; fp64 for fp64 input)."""
     check_device(q, k)
     bsz, n, c = q.shape
     h, p, dh = k.shape
     assert c == h * dh and q.stride(2) == 1 and k.is_contiguous()
     acc = dict(device=q.device, dtype=acc_dtype(q.dtype))
     args = dict(Q=q, K=k, N=n, P=p, H=h, stride_qb=q.stride(0), stride_qn=q.stride(1), DH=dh,
-                **_common_args(q, mask, drop))
+                FOLD_LOG2E=not legacy, **_common_args(q, mask, drop, legacy))
     # the partials (m, l, acc) travel as k (their dtype) and n_per_split as 64 while the kernel is chosen
     meta, resident = choose(_dispatch_partial_kernel, q.device,
                             {**args, "M_PART": k, "L_PART": k, "ACC_PART": k, "n_per_split": 64},
-                            dispatch_metas(p, dh, q.dtype))
+                            dispatch_metas(p, dh, q.dtype, legacy))
     blocks = triton.cdiv(p, meta["BLOCK_P"]) * meta["NUM_DV"]
     n_splits, n_per_split = split_n(n, meta["BLOCK_N"], blocks * bsz * h, resident)
     m_part = torch.empty(bsz * h, n_splits, p, **acc)
@@ -366,16 +528,18 @@ def dispatch_forward(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None
     lse = torch.empty(bsz, h, p, **acc)
     merge = dict(M_PART=m_part, L_PART=l_part, ACC_PART=acc_part, Z=z, LSE=lse, P=p, n_splits=n_splits, DH=dh,
                  ACC=args["ACC"])
-    meta, _ = choose(_dispatch_merge_kernel, q.device, merge, dispatch_merge_metas(p, dh, q.dtype))
+    meta, _ = choose(_dispatch_merge_kernel, q.device, merge, dispatch_merge_metas(p, dh, q.dtype, legacy))
     launch(_dispatch_merge_kernel, (triton.cdiv(p, meta["BLOCK_P"]) * meta["NUM_DV"], bsz * h), **merge, **meta)
     return z, lse
 
 
 @on_device
-def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq: bool, need_dk: bool):
+def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq: bool, need_dk: bool, legacy: bool = False):
     """dZ (B, H, P, dh) -> dq (B, N, C) in q's dtype and dK (H, P, dh) in the
-    accumulator dtype (None where not needed). dK is reduced over n-chunks and
-    bags from per-program partials: deterministic."""
+    accumulator dtype (None where not needed): one fused kernel where
+    ``dispatch_bwd_fused_ok`` (not in the legacy plan), else a dq kernel and a
+    dK kernel. dK is reduced over n-chunks and bags from per-program partials:
+    deterministic."""
     bsz, n, c = q.shape
     h, p, dh = k.shape
     dz = dz.to(z.dtype).contiguous()
@@ -384,16 +548,27 @@ def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq: bool, need_dk: bool
     dz_dot = dz.to(q.dtype).to(z.dtype) if dot_dtype(q.dtype) in (tl.float16, tl.bfloat16) else dz
     delta = (dz_dot * z).sum(-1)  # (B, H, P): P * H values
     common = dict(Q=q, K=k, DZ=dz, LSE=lse, DELTA=delta, N=n, P=p, H=h, stride_qb=q.stride(0),
-                  stride_qn=q.stride(1), DH=dh, **_common_args(q, mask, drop))
-    dq = dk = None
+                  stride_qn=q.stride(1), DH=dh, **_common_args(q, mask, drop, legacy))
+    dq = torch.empty(bsz, n, c, device=q.device, dtype=q.dtype) if need_dq else None
+    dq_args = dict(DQ=q if dq is None else dq, stride_dqb=q.stride(0) if dq is None else dq.stride(0),
+                   stride_dqn=q.stride(1) if dq is None else dq.stride(1))  # q stands in: never written without NEED_DQ
+    if not legacy and dispatch_bwd_fused_ok(p, dh, q.dtype):
+        operand = TL_TO_TORCH[dot_dtype(q.dtype)]  # K and dZ cast once here, not per tile of patches
+        args = dict(NEED_DQ=need_dq, NEED_DK=need_dk, **dq_args, **{**common, "K": k.to(operand), "DZ": dz.to(operand)})
+        meta, resident = choose(_dispatch_bwd_kernel, q.device, {**args, "DK_PART": z, "n_per_split": 64},
+                                dispatch_bwd_metas(p, dh, q.dtype))
+        n_splits, n_per_split = split_n(n, meta["BLOCK_N"], bsz * h, resident)
+        dk_part = torch.empty(bsz, h, n_splits, p, dh, device=q.device, dtype=z.dtype) if need_dk else z
+        launch(_dispatch_bwd_kernel, (n_splits, bsz * h), DK_PART=dk_part, n_per_split=n_per_split, **args, **meta)
+        return dq, dk_part.sum(dim=(0, 2)) if need_dk else None  # (H, P, dh)
+    dk = None
     if need_dq:
-        dq = torch.empty(bsz, n, c, device=q.device, dtype=q.dtype)
-        args = dict(DQ=dq, stride_dqb=dq.stride(0), stride_dqn=dq.stride(1), **common)
+        args = dict(**dq_args, **common)
         meta, _ = choose(_dispatch_bwd_dq_kernel, q.device, args, dispatch_dq_metas(p, dh, q.dtype))
         launch(_dispatch_bwd_dq_kernel, (triton.cdiv(n, meta["BLOCK_N"]) * meta["NUM_DV"], bsz * h), **args, **meta)
     if need_dk:
         meta, resident = choose(_dispatch_bwd_dk_kernel, q.device, {**common, "DK_PART": z, "n_per_split": 64},
-                                dispatch_dk_metas(p, dh, q.dtype))
+                                dispatch_dk_metas(p, dh, q.dtype, legacy))
         blocks = triton.cdiv(p, meta["BLOCK_P"]) * meta["NUM_DV"]
         n_splits, n_per_split = split_n(n, meta["BLOCK_N"], blocks * bsz * h, resident)
         dk_part = torch.empty(bsz, h, n_splits, p, dh, device=q.device, dtype=z.dtype)

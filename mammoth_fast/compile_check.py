@@ -54,10 +54,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from .kernels._launch import TORCH_TO_TL, acc_dtype, dot_dtype, interpreting
+from .kernels._launch import TL_TO_TORCH, TORCH_TO_TL, acc_dtype, dot_dtype, interpreting
 from .kernels._slot_dropout import slot_keep_mask_meta
 from .kernels.combine import combine_dkdy_metas, combine_dq_metas, combine_metas
-from .kernels.dispatch import dispatch_dk_metas, dispatch_dq_metas, dispatch_merge_metas, dispatch_metas
+from .kernels.dispatch import (dispatch_bwd_fused_ok, dispatch_bwd_metas, dispatch_dk_metas, dispatch_dq_metas,
+                               dispatch_merge_metas, dispatch_metas)
 from .kernels.experts import experts_norm_metas, experts_proj_bwd_metas, experts_proj_metas
 from .kernels.query import FUSED_MAX_C, query_metas, query_rows_metas
 from .sizes import LayerSizes
@@ -163,8 +164,14 @@ def _dispatch_common(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool) -> dict:
                 **_precision(sz))
 
 
-def _dispatch_partial_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool) -> dict:
-    return dict(M_PART=sz.acc, L_PART=sz.acc, ACC_PART=sz.acc, **SPLIT, **_dispatch_common(sz, HAS_MASK, HAS_DROP))
+def _operand(sz: Sizes) -> torch.dtype:
+    """The dot operands' dtype (what the fused backward kernels take K, dZ and Y in)."""
+    return TL_TO_TORCH[dot_dtype(sz.dtype)]
+
+
+def _dispatch_partial_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool, FOLD_LOG2E: bool, FAST_RNG: bool) -> dict:
+    return dict(M_PART=sz.acc, L_PART=sz.acc, ACC_PART=sz.acc, FOLD_LOG2E=FOLD_LOG2E, FAST_RNG=FAST_RNG, **SPLIT,
+                **_dispatch_common(sz, HAS_MASK, HAS_DROP))
 
 
 def _dispatch_merge_args(sz: Sizes) -> dict:
@@ -172,20 +179,29 @@ def _dispatch_merge_args(sz: Sizes) -> dict:
                 DH=sz.dh, ACC=TORCH_TO_TL[sz.acc])
 
 
-def _dispatch_bwd_dq_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool) -> dict:
+def _dispatch_bwd_dq_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool, FAST_RNG: bool) -> dict:
     """dz, lse, delta and K in ACC; q and dq (B, N, C) contiguous in q's dtype."""
     return dict(DZ=sz.acc, LSE=sz.acc, DELTA=sz.acc, DQ=sz.dtype, stride_dqb=sz.n * sz.c, stride_dqn=sz.c,
+                FAST_RNG=FAST_RNG, **_dispatch_common(sz, HAS_MASK, HAS_DROP))
+
+
+def _dispatch_bwd_dk_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool, FAST_RNG: bool) -> dict:
+    """The partials' grid, as the forward's; dK partials in ACC."""
+    return dict(DZ=sz.acc, LSE=sz.acc, DELTA=sz.acc, DK_PART=sz.acc, FAST_RNG=FAST_RNG, **SPLIT,
                 **_dispatch_common(sz, HAS_MASK, HAS_DROP))
 
 
-def _dispatch_bwd_dk_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool) -> dict:
-    """The partials' grid, as the forward's; dK partials in ACC."""
-    return dict(DZ=sz.acc, LSE=sz.acc, DELTA=sz.acc, DK_PART=sz.acc, **SPLIT, **_dispatch_common(sz, HAS_MASK, HAS_DROP))
+def _dispatch_bwd_fused_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool, NEED_DQ: bool, NEED_DK: bool,
+                             FAST_RNG: bool) -> dict:
+    """The fused backward: K and dZ in the dot dtype (cast by the launcher), dq in q's dtype, dK partials in ACC."""
+    common = {**_dispatch_common(sz, HAS_MASK, HAS_DROP), "K": _operand(sz)}
+    return dict(DZ=_operand(sz), LSE=sz.acc, DELTA=sz.acc, DQ=sz.dtype, DK_PART=sz.acc, stride_dqb=sz.n * sz.c,
+                stride_dqn=sz.c, NEED_DQ=NEED_DQ, NEED_DK=NEED_DK, FAST_RNG=FAST_RNG, **SPLIT, **common)
 
 
-def _slot_keep_mask_args(sz: Sizes) -> dict:
-    """``slot_keep_mask``'s launch: an int8 (B, N, H, P) mask (tests and return_weights)."""
-    return dict(OUT=torch.int8, **_drop(sz, True), N=sz.n, H=sz.h, P=sz.p)
+def _slot_keep_mask_args(sz: Sizes, FAST_RNG: bool) -> dict:
+    """``slot_keep_mask``'s launch: an int8 (B, N, H, P) mask (tests and return_weights), either generator."""
+    return dict(OUT=torch.int8, **_drop(sz, True), N=sz.n, H=sz.h, P=sz.p, FAST_RNG=FAST_RNG)
 
 
 def _experts_common(sz: Sizes, SHARED: bool) -> dict:
@@ -219,21 +235,22 @@ def _combine_common(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool) -> dict:
                 DH=sz.dh, DO=sz.do, **_precision(sz))
 
 
-def _combine_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool) -> dict:
-    return dict(OUT=sz.dtype, LSE=sz.acc, stride_ob=sz.n * sz.d, stride_on=sz.d,
-                **_combine_common(sz, HAS_MASK, HAS_DROP))
+def _combine_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool, FOLD_LOG2E: bool, FAST_RNG: bool) -> dict:
+    return dict(OUT=sz.dtype, LSE=sz.acc, stride_ob=sz.n * sz.d, stride_on=sz.d, FOLD_LOG2E=FOLD_LOG2E,
+                FAST_RNG=FAST_RNG, **_combine_common(sz, HAS_MASK, HAS_DROP))
 
 
-def _combine_bwd_dq_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool, NEED_DQ: bool) -> dict:
+def _combine_bwd_dq_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool, NEED_DQ: bool, FAST_RNG: bool) -> dict:
     """q, out, dO and dq (B, N, *) contiguous in the compute dtype; K, Y, LSE and delta_c in ACC."""
     return dict(OUT=sz.dtype, DOUT=sz.dtype, LSE=sz.acc, DELTA=sz.acc, DQ=sz.dtype, stride_dqb=sz.n * sz.c,
-                stride_dqn=sz.c, NEED_DQ=NEED_DQ, **_combine_common(sz, HAS_MASK, HAS_DROP))
+                stride_dqn=sz.c, NEED_DQ=NEED_DQ, FAST_RNG=FAST_RNG, **_combine_common(sz, HAS_MASK, HAS_DROP))
 
 
-def _combine_bwd_dkdy_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool, NEED_DK: bool, NEED_DY: bool) -> dict:
+def _combine_bwd_dkdy_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool, NEED_DK: bool, NEED_DY: bool,
+                           FAST_RNG: bool) -> dict:
     """dK and dY partials in ACC, on the split-n grid; an absent one is the LSE standing in."""
     return dict(DOUT=sz.dtype, LSE=sz.acc, DELTA=sz.acc, DK_PART=sz.acc, DY_PART=sz.acc, NEED_DK=NEED_DK,
-                NEED_DY=NEED_DY, **SPLIT, **_combine_common(sz, HAS_MASK, HAS_DROP))
+                NEED_DY=NEED_DY, FAST_RNG=FAST_RNG, **SPLIT, **_combine_common(sz, HAS_MASK, HAS_DROP))
 
 
 @dataclass(frozen=True)
@@ -241,69 +258,107 @@ class Kernel:
     module: str  # file in kernels/
     name: str  # the @triton.jit function
     args: Callable[..., dict]  # (Sizes, **flags) -> every kernel argument but the tile sizes and launch options
-    metas: Callable[["Sizes"], list]  # Sizes -> the launcher's candidate tile sizes and launch options, in order
+    metas: Callable[..., list]  # (Sizes, legacy) -> the launcher's candidate tile sizes and launch options, in order
     flags: dict = field(default_factory=dict)  # constexpr flag -> the values to compile
-    launched: Callable[..., bool] = lambda sz, **flags: True  # (Sizes, **flags) -> whether a launcher passes it
+    launched: Callable[..., bool] = lambda sz, legacy, **flags: True  # whether a launcher passes these flags
+    plans: tuple = (False,)  # the kernel plans (legacy or not, _launch.legacy_kernels) that launch it
 
 
-def _any_output(sz, NEED_DY: bool, NEED_DGAMMA: bool, **_) -> bool:
+def _any_output(sz, legacy, NEED_DY: bool, NEED_DGAMMA: bool, **_) -> bool:
     return NEED_DY or NEED_DGAMMA
 
 
-def _any_grad(sz, PARAM_GRADS: bool, INPUT_GRAD: bool, **_) -> bool:
+def _any_grad(sz, legacy, PARAM_GRADS: bool, INPUT_GRAD: bool, **_) -> bool:
     return PARAM_GRADS or INPUT_GRAD
 
 
-def _dk_or_dy(sz, NEED_DK: bool, NEED_DY: bool, **_) -> bool:
-    return NEED_DK or NEED_DY
-
-
-def _fused_query(sz, **_) -> bool:
+def _fused_query(sz, legacy, **_) -> bool:
     return sz.c <= FUSED_MAX_C
 
 
-def _gemm_then_norm(sz, **_) -> bool:
+def _gemm_then_norm(sz, legacy, **_) -> bool:
     return sz.c > FUSED_MAX_C
 
 
+def _rng(legacy: bool, HAS_DROP: bool, FAST_RNG: bool) -> bool:
+    """The generator a plan passes: the fast one with slot dropout, outside the legacy plan."""
+    return FAST_RNG == (HAS_DROP and not legacy)
+
+
+def _routing_fwd(sz, legacy, HAS_DROP: bool, FOLD_LOG2E: bool, FAST_RNG: bool, **_) -> bool:
+    return FOLD_LOG2E == (not legacy) and _rng(legacy, HAS_DROP, FAST_RNG)
+
+
+def _dispatch_two_kernels(sz, legacy, HAS_DROP: bool, FAST_RNG: bool, **_) -> bool:
+    return _rng(legacy, HAS_DROP, FAST_RNG) and (legacy or not dispatch_bwd_fused_ok(sz.p, sz.dh, sz.dtype))
+
+
+def _dispatch_fused(sz, legacy, HAS_DROP: bool, FAST_RNG: bool, NEED_DQ: bool, NEED_DK: bool, **_) -> bool:
+    return (not legacy and dispatch_bwd_fused_ok(sz.p, sz.dh, sz.dtype) and _rng(legacy, HAS_DROP, FAST_RNG)
+            and (NEED_DQ or NEED_DK))
+
+
+def _combine_bwd(sz, legacy, HAS_DROP: bool, FAST_RNG: bool, **_) -> bool:
+    return _rng(legacy, HAS_DROP, FAST_RNG)
+
+
+def _combine_dkdy(sz, legacy, NEED_DK: bool, NEED_DY: bool, **flags) -> bool:
+    return (NEED_DK or NEED_DY) and _combine_bwd(sz, legacy, **flags)
+
+
 MASK_DROP = {"HAS_MASK": (False, True), "HAS_DROP": (False, True)}
+RNG = {"FAST_RNG": (False, True)}
+ROUTING_FWD = {**MASK_DROP, "FOLD_LOG2E": (True, False), **RNG}
+PLANS = (False, True)
 NORM = {"USE_LAYERNORM": (True, False), "STORE_Y": (True, False)}
-def _heads(metas):
-    """A candidates function of (p, dh, do, dtype) as one of Sizes."""
-    return lambda sz: metas(sz.p, sz.dh, sz.do, sz.dtype)
+def _heads(metas, planned: bool = False):
+    """A candidates function of (p, dh, do, dtype[, legacy]) as one of (Sizes, legacy)."""
+    if planned:
+        return lambda sz, legacy: metas(sz.p, sz.dh, sz.do, sz.dtype, legacy)
+    return lambda sz, legacy: metas(sz.p, sz.dh, sz.do, sz.dtype)
 
 
-def _slots(metas):
-    """A candidates function of (p, dh, dtype) as one of Sizes."""
-    return lambda sz: metas(sz.p, sz.dh, sz.dtype)
+def _slots(metas, planned: bool = False):
+    """A candidates function of (p, dh, dtype[, legacy]) as one of (Sizes, legacy)."""
+    if planned:
+        return lambda sz, legacy: metas(sz.p, sz.dh, sz.dtype, legacy)
+    return lambda sz, legacy: metas(sz.p, sz.dh, sz.dtype)
 
 
 KERNELS = (
     Kernel("query", "_query_fwd_kernel", _query_args,
-           lambda sz: query_metas(sz.c, sz.dtype), NORM, _fused_query),
+           lambda sz, legacy: query_metas(sz.c, sz.dtype), NORM, _fused_query),
     Kernel("query", "_query_norm_fwd_kernel", _query_norm_fwd_args,
-           lambda sz: query_rows_metas(sz.c, sz.dtype), NORM, _gemm_then_norm),
+           lambda sz, legacy: query_rows_metas(sz.c, sz.dtype), NORM, _gemm_then_norm),
     Kernel("query", "_query_norm_bwd_kernel", _query_norm_bwd_args,
-           lambda sz: query_rows_metas(sz.c, sz.dtype),
+           lambda sz, legacy: query_rows_metas(sz.c, sz.dtype),
            {"USE_LAYERNORM": (True, False), "NEED_DY": (True, False), "NEED_DGAMMA": (True, False)}, _any_output),
-    Kernel("dispatch", "_dispatch_partial_kernel", _dispatch_partial_args, _slots(dispatch_metas), MASK_DROP),
-    Kernel("dispatch", "_dispatch_merge_kernel", _dispatch_merge_args, _slots(dispatch_merge_metas)),
-    Kernel("dispatch", "_dispatch_bwd_dq_kernel", _dispatch_bwd_dq_args, _slots(dispatch_dq_metas), MASK_DROP),
-    Kernel("dispatch", "_dispatch_bwd_dk_kernel", _dispatch_bwd_dk_args, _slots(dispatch_dk_metas), MASK_DROP),
-    Kernel("_slot_dropout", "_slot_keep_mask_kernel", _slot_keep_mask_args, lambda sz: [slot_keep_mask_meta()]),
+    Kernel("dispatch", "_dispatch_partial_kernel", _dispatch_partial_args, _slots(dispatch_metas, True), ROUTING_FWD,
+           _routing_fwd, PLANS),
+    Kernel("dispatch", "_dispatch_merge_kernel", _dispatch_merge_args, _slots(dispatch_merge_metas, True),
+           plans=PLANS),
+    Kernel("dispatch", "_dispatch_bwd_kernel", _dispatch_bwd_fused_args, _slots(dispatch_bwd_metas),
+           {**MASK_DROP, "NEED_DQ": (True, False), "NEED_DK": (True, False), **RNG}, _dispatch_fused, PLANS),
+    Kernel("dispatch", "_dispatch_bwd_dq_kernel", _dispatch_bwd_dq_args, _slots(dispatch_dq_metas),
+           {**MASK_DROP, **RNG}, _dispatch_two_kernels, PLANS),
+    Kernel("dispatch", "_dispatch_bwd_dk_kernel", _dispatch_bwd_dk_args, _slots(dispatch_dk_metas, True),
+           {**MASK_DROP, **RNG}, _dispatch_two_kernels, PLANS),
+    Kernel("_slot_dropout", "_slot_keep_mask_kernel", _slot_keep_mask_args, lambda sz, legacy: [slot_keep_mask_meta()],
+           RNG),
     Kernel("experts", "_experts_proj_kernel", _experts_proj_args,
-           lambda sz: experts_proj_metas(sz.s, sz.dh, sz.r, sz.do, sz.acc), {"SHARED": (True, False)}),
-    Kernel("experts", "_experts_norm_kernel", _experts_norm_args, lambda sz: experts_norm_metas(sz.d)),
-    Kernel("experts", "_experts_norm_bwd_kernel", _experts_norm_bwd_args, lambda sz: experts_norm_metas(sz.d),
+           lambda sz, legacy: experts_proj_metas(sz.s, sz.dh, sz.r, sz.do, sz.acc), {"SHARED": (True, False)}),
+    Kernel("experts", "_experts_norm_kernel", _experts_norm_args, lambda sz, legacy: experts_norm_metas(sz.d)),
+    Kernel("experts", "_experts_norm_bwd_kernel", _experts_norm_bwd_args, lambda sz, legacy: experts_norm_metas(sz.d),
            {"PARAM_GRADS": (True, False)}),
     Kernel("experts", "_experts_proj_bwd_kernel", _experts_proj_bwd_args,
-           lambda sz: experts_proj_bwd_metas(sz.s, sz.dh, sz.r, sz.do, sz.acc),
+           lambda sz, legacy: experts_proj_bwd_metas(sz.s, sz.dh, sz.r, sz.do, sz.acc),
            {"SHARED": (True, False), "PARAM_GRADS": (True, False), "INPUT_GRAD": (True, False)}, _any_grad),
-    Kernel("combine", "_combine_fwd_kernel", _combine_args, _heads(combine_metas), MASK_DROP),
+    Kernel("combine", "_combine_fwd_kernel", _combine_args, _heads(combine_metas, True), ROUTING_FWD, _routing_fwd,
+           PLANS),
     Kernel("combine", "_combine_bwd_dq_kernel", _combine_bwd_dq_args, _heads(combine_dq_metas),
-           {**MASK_DROP, "NEED_DQ": (True, False)}),
+           {**MASK_DROP, "NEED_DQ": (True, False), **RNG}, _combine_bwd, PLANS),
     Kernel("combine", "_combine_bwd_dkdy_kernel", _combine_bwd_dkdy_args, _heads(combine_dkdy_metas),
-           {**MASK_DROP, "NEED_DK": (True, False), "NEED_DY": (True, False)}, _dk_or_dy),
+           {**MASK_DROP, "NEED_DK": (True, False), "NEED_DY": (True, False), **RNG}, _combine_dkdy, PLANS),
 )
 
 
@@ -452,11 +507,11 @@ def _check(jobs: tuple, cases: list, fn: JITFunction) -> dict:
     return row
 
 
-def _flag_combos(kernel: Kernel, sz: Sizes, hardest: bool):
-    """The flag combinations a launcher passes at this size (``hardest``: the one
-    with every flag on that it passes, or the closest to it)."""
+def _flag_combos(kernel: Kernel, sz: Sizes, hardest: bool, legacy: bool):
+    """The flag combinations a launcher passes at this size in this plan
+    (``hardest``: the one with every flag on that it passes, or the closest to it)."""
     combos = [dict(zip(kernel.flags, values)) for values in itertools.product(*kernel.flags.values())]
-    combos = [flags for flags in combos if kernel.launched(sz, **flags)]
+    combos = [flags for flags in combos if kernel.launched(sz, legacy, **flags)]
     if hardest and combos:
         return [max(combos, key=lambda flags: sum(map(bool, flags.values())))]
     return combos
@@ -503,11 +558,15 @@ def run_checks(workers: int | None = None, sizes=SIZE_MATRIX, hardest: bool = Fa
         for kernel in KERNELS:
             fn = _kernel_function(kernel)
             modules[kernel.name] = kernel.module
-            metas = kernel.metas(sz)
-            for flags in _flag_combos(kernel, sz, only_hardest):
-                args = kernel.args(sz, **flags)
-                unit = tuple(_job(kernel, fn, {**args, **meta}) for meta in metas)
-                jobs.setdefault(unit, []).append((str(sz.dtype).removeprefix("torch."), sz.describe()))
+            for legacy in kernel.plans:
+                metas = kernel.metas(sz, legacy)
+                for flags in _flag_combos(kernel, sz, only_hardest, legacy):
+                    args = kernel.args(sz, **flags)
+                    unit = tuple(_job(kernel, fn, {**args, **meta}) for meta in metas)
+                    cases = jobs.setdefault(unit, [])
+                    case = (str(sz.dtype).removeprefix("torch."), sz.describe())
+                    if case not in cases:  # the same job in both plans: once
+                        cases.append(case)
     args = [(unit, cases, modules[unit[0].name]) for unit, cases in jobs.items()]
     workers = min(workers or _workers(), len(args))
     if workers <= 1:

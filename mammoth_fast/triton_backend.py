@@ -55,6 +55,7 @@ def forward(layer, feats: Tensor, mask: Optional[Tensor], return_weights: bool):
     acc = _launch.acc_dtype(dtype)
     grad = needs_grad(layer, feats)
     bsz, n, din = feats.shape
+    legacy = _launch.legacy_plan()  # the kernel plan of this forward; its backward follows it
     drop = None
     if layer.training and layer.slot_dropout > 0:
         drop = (draw_slot_seed(feats.device), float(layer.slot_dropout))
@@ -69,10 +70,10 @@ def forward(layer, feats: Tensor, mask: Optional[Tensor], return_weights: bool):
     k = reference.slot_keys(p, acc).contiguous()  # (H, P, dh): P * dh values, plain PyTorch
     lora = (p.shared_weight, p.shared_bias, p.expert_weights, p.expert_bias, p.expert_gamma)
     if grad:
-        z, lse_d = DispatchFunction.apply(q, k, mask, drop)  # (B, H, P, dh), (B, H, P)
+        z, lse_d = DispatchFunction.apply(q, k, mask, drop, legacy)  # (B, H, P, dh), (B, H, P)
         y = ExpertsFunction.apply(z, *lora)  # (B, P, D)
     else:
-        z, lse_d = dispatch_forward(q, k, mask, drop)
+        z, lse_d = dispatch_forward(q, k, mask, drop, legacy)
         y = experts_forward(z, *lora)[0]
     dropout = layer.expert_heads.dropout.p
     if layer.training and dropout > 0:  # (B, P, D): small, plain PyTorch
@@ -80,16 +81,16 @@ def forward(layer, feats: Tensor, mask: Optional[Tensor], return_weights: bool):
     if layer.keep_slots:
         out = y.to(dtype)
     elif grad:
-        out = CombineFunction.apply(q, k, y, mask, drop, dtype)
+        out = CombineFunction.apply(q, k, y, mask, drop, dtype, legacy)
     else:
-        out, _ = combine_forward(q, k, y, mask, dtype, drop)
+        out, _ = combine_forward(q, k, y, mask, dtype, drop, legacy)
     if not return_weights:
         return out
-    return out, dispatch_weights(q, k, lse_d, mask, drop, layer.num_experts, dtype)
+    return out, dispatch_weights(q, k, lse_d, mask, drop, layer.num_experts, dtype, legacy)
 
 
 def dispatch_weights(q: Tensor, k: Tensor, lse: Tensor, mask: Optional[Tensor], drop, num_experts: int,
-                     dtype: torch.dtype) -> Tensor:
+                     dtype: torch.dtype, legacy: bool = False) -> Tensor:
     """The dispatch weights (B, N, E, H, S), N x H x P by definition: exp(L - LSE)
     from the saved LSE; under autograd, a softmax that autograd differentiates
     (the LSE carries no gradient)."""
@@ -97,7 +98,7 @@ def dispatch_weights(q: Tensor, k: Tensor, lse: Tensor, mask: Optional[Tensor], 
     h, p, _ = k.shape
     with torch.autocast(q.device.type, enabled=False):  # logits in the LSE's precision
         logits = reference.routing_logits(q.to(k.dtype), k)  # (B, N, H, P)
-    keep = None if drop is None else slot_keep_mask(drop[0], drop[1], bsz, n, h, p, q.device)
+    keep = None if drop is None else slot_keep_mask(drop[0], drop[1], bsz, n, h, p, q.device, fast_rng=not legacy)
     if mask is not None:
         pad_keep = mask[:, :, None, None].expand_as(logits)
         keep = pad_keep if keep is None else keep & pad_keep

@@ -110,17 +110,40 @@ def test_roofline_counts():
     assert h200.bytes_per_s > roofline.H100.bytes_per_s and roofline.machine_for("NVIDIA H100 80GB HBM3", 132) == roofline.H100
 
 
+def test_roofline_counts_the_kernel_plan_that_runs():
+    """The default plan: one fused dispatch backward (its exponentials once), 64-slot
+    tiles (320 slots for 300); the legacy plan: dq and dK kernels, 128-slot tiles in bf16."""
+    n, logits = 100_000, 100_000 * 16 * 300
+
+    def train_exps(legacy):
+        ks = roofline.mammoth_kernels(n, torch.bfloat16, True, legacy=legacy)
+        return {k.name: k for k in ks}, sum(k.exps for k in ks if "train" in k.chains and k.name != "dispatch fwd merge")
+
+    new, new_exps = train_exps(False)
+    old, old_exps = train_exps(True)
+    assert "dispatch bwd (fused)" in new and "dispatch bwd dq" not in new
+    assert {"dispatch bwd dq", "dispatch bwd dK"} <= set(old) and "dispatch bwd (fused)" not in old
+    assert (new_exps, old_exps) == (2 * logits, 3 * logits)  # two passes over the logits, not three
+    assert new["dispatch bwd (fused)"].tile_exps == roofline._pad(n, 64) * 16 * 320  # 64-patch steps, 320 slots
+    assert new["dispatch fwd partial"].tile_exps > n * 16 * 320
+    assert old["dispatch fwd partial"].tile_exps > n * 16 * 384  # 128-slot tiles
+    for keep_slots in (True, False):
+        t_new, t_old = (roofline.totals(n, torch.bfloat16, keep_slots, legacy=legacy) for legacy in (False, True))
+        assert t_new["mammoth_train_tile"] < t_old["mammoth_train_tile"] and t_new["linear_train"] == t_old["linear_train"]
+
+
 def test_launcher_cases_run_and_map_to_roofline_kernels():
     """Every launcher case runs (under the Triton interpreter without a GPU) and
     names kernels the roofline knows."""
     sz = roofline.Sizes(din=64, d=48, c=16, h=4, e=3, s=4)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cases = build_cases(50, torch.float32, device, sz)
-    assert tuple(cases) == CASE_NAMES
-    kernels = roofline.mammoth_kernels(50, torch.float32, False, sz)
-    for c in cases.values():
-        c.fn()
-        assert roofline.launcher_floor(kernels, c.kernels) > 0
+    for legacy in (False, True):
+        cases = build_cases(50, torch.float32, device, sz, legacy=legacy)
+        assert tuple(cases) == CASE_NAMES
+        kernels = roofline.mammoth_kernels(50, torch.float32, False, sz, legacy=legacy)
+        for c in cases.values():
+            c.fn()
+            assert roofline.launcher_floor(kernels, c.kernels) > 0
 
 
 def test_gpu_check_dry_run_prints_the_plan_on_cpu():

@@ -189,17 +189,18 @@ def op_samples():
     yield "query_norm_bwd", (torch.randn_like(q.view(18, -1)), y_pre, mean, rstd, xs[3], True, True, True)
     q = q.detach()
     y = None
-    for mask, drop in ((None, (None, 0.0)), (m, (torch.tensor([1234], device=DEVICE), 0.3))):
-        z, lse = _ops.dispatch_fwd(q, k, mask, *drop)
-        yield "dispatch_fwd", (q, k, mask, *drop)
-        yield "dispatch_bwd", (torch.randn_like(z), q, k, z, lse, mask, *drop, True, True)
+    # the default kernel plan, then the legacy one with the mask and slot dropout
+    for mask, drop, legacy in ((None, (None, 0.0), False), (m, (torch.tensor([1234], device=DEVICE), 0.3), True)):
+        z, lse = _ops.dispatch_fwd(q, k, mask, *drop, legacy)
+        yield "dispatch_fwd", (q, k, mask, *drop, legacy)
+        yield "dispatch_bwd", (torch.randn_like(z), q, k, z, lse, mask, *drop, True, True, legacy)
         if y is None:  # the experts ops take no mask nor slot dropout: one sample each
             y, inv, v = _ops.experts_fwd(z, *lora)
             yield "experts_fwd", (z, *lora)
             yield "experts_bwd", (torch.randn_like(y), z, *lora, v, inv, True, True)
-        out, lse_c = _ops.combine_fwd(q, k, y, mask, torch.float32, *drop)
-        yield "combine_fwd", (q, k, y, mask, torch.float32, *drop)
-        yield "combine_bwd", (torch.randn_like(out), q, k, y, out, lse_c, mask, *drop, True, True, False)
+        out, lse_c = _ops.combine_fwd(q, k, y, mask, torch.float32, *drop, legacy)
+        yield "combine_fwd", (q, k, y, mask, torch.float32, *drop, legacy)
+        yield "combine_bwd", (torch.randn_like(out), q, k, y, out, lse_c, mask, *drop, True, True, False, legacy)
 
 
 def test_opcheck_every_op():
@@ -212,10 +213,11 @@ def test_opcheck_every_op():
 
 
 KERNELS = {"_query_fwd_kernel", "_query_norm_bwd_kernel", "_dispatch_partial_kernel", "_dispatch_merge_kernel",
-           "_dispatch_bwd_dq_kernel", "_dispatch_bwd_dk_kernel", "_experts_proj_kernel", "_experts_norm_kernel",
+           "_dispatch_bwd_kernel", "_experts_proj_kernel", "_experts_norm_kernel",
            "_experts_norm_bwd_kernel", "_experts_proj_bwd_kernel", "_combine_fwd_kernel", "_combine_bwd_dq_kernel",
            "_combine_bwd_dkdy_kernel"}
-"""The kernels of a training step at the traced sizes (C = 8: the fused query kernel)."""
+"""The kernels of a training step at the traced sizes (C = 8: the fused query kernel; the default kernel
+plan: the fused dispatch backward)."""
 
 
 @pytest.mark.skipif(not hasattr(torch.library, "triton_op"), reason="torch.library.triton_op needs torch >= 2.6")
@@ -243,8 +245,8 @@ def test_triton_ops_trace_into_kernel_launches():
     assert {k: sorted(v) for k, v in written.items()} == {
         "_query_fwd_kernel": sorted(["Q", "MEAN", "RSTD"] * 2 + ["Y"]), "_query_norm_bwd_kernel": ["DGAMMA_PART", "DY"],
         "_dispatch_partial_kernel": sorted(["M_PART", "L_PART", "ACC_PART"] * 2),
-        "_dispatch_merge_kernel": ["LSE", "LSE", "Z", "Z"], "_dispatch_bwd_dq_kernel": ["DQ"],
-        "_dispatch_bwd_dk_kernel": ["DK_PART"], "_experts_proj_kernel": ["V", "V"],
+        "_dispatch_merge_kernel": ["LSE", "LSE", "Z", "Z"], "_dispatch_bwd_kernel": ["DK_PART", "DQ"],
+        "_experts_proj_kernel": ["V", "V"],
         "_experts_norm_kernel": ["INV_NORM", "INV_NORM", "Y", "Y"], "_experts_norm_bwd_kernel": ["DC_PART", "DG_PART", "DV"],
         "_experts_proj_bwd_kernel": ["DABIAS_PART", "DA_PART", "DBW_PART", "DZ_PART"],
         "_combine_fwd_kernel": ["LSE", "LSE", "OUT", "OUT"], "_combine_bwd_dq_kernel": ["DELTA", "DQ"],
@@ -253,10 +255,13 @@ def test_triton_ops_trace_into_kernel_launches():
     assert report["shapes"][:4] == [[2, 40, 16], [2, 6, 4], [80, 8], [8]]
     assert report["devices"] == ["cuda:0"]
     # each op declares the kernels it launches (they key the AOTAutograd cache): all of them, each once,
-    # and the query's norm-after-GEMM kernel, launched for C > 512
+    # the query's norm-after-GEMM kernel, launched for C > 512, and the dispatch backward's two kernels of
+    # the legacy plan (and of the sizes the fused kernel does not take)
     declared = [k for kernels in report["declared"].values() for k in kernels]
-    assert sorted(declared) == sorted(set(report["kernels"]) | {"_query_norm_fwd_kernel"})
-    assert report["declared"]["dispatch_bwd"] == ["_dispatch_bwd_dk_kernel", "_dispatch_bwd_dq_kernel"]
+    assert sorted(declared) == sorted(set(report["kernels"]) | {"_query_norm_fwd_kernel", "_dispatch_bwd_dk_kernel",
+                                                                 "_dispatch_bwd_dq_kernel"})
+    assert report["declared"]["dispatch_bwd"] == ["_dispatch_bwd_dk_kernel", "_dispatch_bwd_dq_kernel",
+                                                  "_dispatch_bwd_kernel"]
 
 
 LEVELS = {"autograd": 0, "_ops": 1, "query": 2, "dispatch": 2, "experts": 2, "combine": 2, "_slot_dropout": 3,

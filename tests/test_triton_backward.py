@@ -13,6 +13,7 @@ from mammoth_fast import Mammoth, reference, triton_backend
 from mammoth_fast.kernels import combine as combine_mod
 from mammoth_fast.kernels import dispatch as dispatch_mod
 from mammoth_fast.kernels import experts as experts_mod
+from mammoth_fast.kernels._launch import legacy_kernels, legacy_plan
 from mammoth_fast.kernels._slot_dropout import slot_keep_mask
 from mammoth_fast.kernels.autograd import combine, dispatch
 
@@ -21,7 +22,8 @@ SEED = 987654  # the slot-dropout seed the tests pin
 
 def keep_for(drop, b, n, h, p, mask=None):
     """The reference's (B, N, H, P) keep-mask for slot dropout ``drop`` and padding ``mask``."""
-    keep = None if drop is None else slot_keep_mask(drop[0], drop[1], b, n, h, p, DEVICE).cpu()
+    keep = None if drop is None else slot_keep_mask(drop[0], drop[1], b, n, h, p, DEVICE,
+                                                    fast_rng=not legacy_plan()).cpu()
     if mask is not None:
         pad = mask[:, :, None, None].expand(b, n, h, p)
         keep = pad if keep is None else keep & pad
@@ -51,39 +53,47 @@ def leaves(*tensors, dtype=torch.float64):
     return [t.to(DEVICE, dtype).requires_grad_() for t in tensors]
 
 
-@pytest.mark.parametrize("shape", ROUTING)
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("drop", DROPS)
-def test_dispatch_backward_float64(shape, masked, drop):
+# every case in the default kernel plan (fused dispatch backward); the legacy plan
+# (_launch.legacy_kernels) at the small shapes, masked, each slot-dropout setting
+ROUTING_CASES = [pytest.param(shape, masked, drop, False, id=f"plan-{i}-{masked}-{j}")
+                 for i, shape in enumerate(ROUTING) for masked in (False, True) for j, drop in enumerate(DROPS)] + \
+                [pytest.param(ROUTING[i], True, drop, True, id=f"legacy-plan-{i}-{j}")
+                 for i in (0, 2) for j, drop in enumerate(DROPS)]
+
+
+@pytest.mark.parametrize("shape, masked, drop, legacy", ROUTING_CASES)
+def test_dispatch_backward_float64(shape, masked, drop, legacy):
     b, n, h, p, dh, do = shape
     q, k, _ = routing_inputs(*shape, seed=1)
     mask = random_mask(b, n, seed=n) if masked else None
     dz = torch.randn(b, h, p, dh, dtype=torch.float64)
     qk = leaves(q, k)
-    z = dispatch(*qk, None if mask is None else mask.to(DEVICE), drop)
-    got = torch.autograd.grad(z, qk, dz.to(DEVICE))
+    with legacy_kernels(legacy):
+        z = dispatch(*qk, None if mask is None else mask.to(DEVICE), drop)
+        got = torch.autograd.grad(z, qk, dz.to(DEVICE))
+        keep = keep_for(drop, b, n, h, p, mask)
     ref_leaves = [t.detach().requires_grad_() for t in (q, k)]
     logits = reference.routing_logits(*ref_leaves)
-    z_ref = reference.slot_inputs(ref_leaves[0], reference.dispatch_weights(logits, keep_for(drop, b, n, h, p, mask)))
+    z_ref = reference.slot_inputs(ref_leaves[0], reference.dispatch_weights(logits, keep))
     want = torch.autograd.grad(z_ref, ref_leaves, dz)
     assert torch.isfinite(z).all() and rel_err(z.cpu(), z_ref) <= 1e-12
     for name, g, w in zip(("dq", "dK"), got, want):
         assert grad_err(g.cpu(), w) <= 1e-12, name
 
 
-@pytest.mark.parametrize("shape", ROUTING)
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("drop", DROPS)
-def test_combine_backward_float64(shape, masked, drop):
+@pytest.mark.parametrize("shape, masked, drop, legacy", ROUTING_CASES)
+def test_combine_backward_float64(shape, masked, drop, legacy):
     b, n, h, p, dh, do = shape
     q, k, y = routing_inputs(*shape, seed=2)
     mask = random_mask(b, n, seed=n + 1) if masked else None
     dout = torch.randn(b, n, h * do, dtype=torch.float64)
     qky = leaves(q, k, y)
-    out = combine(*qky, None if mask is None else mask.to(DEVICE), drop)
-    got = torch.autograd.grad(out, qky, dout.to(DEVICE))
+    with legacy_kernels(legacy):
+        out = combine(*qky, None if mask is None else mask.to(DEVICE), drop)
+        got = torch.autograd.grad(out, qky, dout.to(DEVICE))
+        keep = keep_for(drop, b, n, h, p)
     ref_leaves = [t.detach().requires_grad_() for t in (q, k, y)]
-    cw = reference.combine_weights(reference.routing_logits(*ref_leaves[:2]), keep_for(drop, b, n, h, p))
+    cw = reference.combine_weights(reference.routing_logits(*ref_leaves[:2]), keep)
     out_ref = reference.combine(cw, ref_leaves[2])
     if mask is not None:
         out_ref = out_ref * mask[:, :, None]
@@ -97,7 +107,7 @@ def test_combine_backward_float64(shape, masked, drop):
 def test_combine_computes_only_needed_grads(wanted, monkeypatch):
     calls = []
     real = combine_mod.combine_backward
-    monkeypatch.setattr(combine_mod, "combine_backward", lambda *a: calls.append(a[-3:]) or real(*a))
+    monkeypatch.setattr(combine_mod, "combine_backward", lambda *a: calls.append(a[-4:-1]) or real(*a))
     q, k, y = routing_inputs(1, 40, 2, 9, 4, 3, seed=3)
     ins = [t.to(DEVICE).requires_grad_(name == wanted) for name, t in zip("qky", (q, k, y))]
     out = combine(*ins)
@@ -261,8 +271,8 @@ def test_frozen_layer_computes_no_parameter_gradients(monkeypatch):
     x, dout = random_batch(ref, 1, 20, seed=20)
     xg = x.to(DEVICE, torch.float32).requires_grad_()
     (dx,) = torch.autograd.grad(layer(xg), [xg], dout.to(DEVICE, torch.float32))
-    assert sorted(calls) == [("combine_backward", (True, False, True)),  # dq, no dK, dY
-                             ("dispatch_backward", (True, False)),  # dq, no dK
+    assert sorted(calls) == [("combine_backward", (True, False, True, False)),  # dq, no dK, dY; not legacy
+                             ("dispatch_backward", (True, False, False)),  # dq, no dK; not legacy
                              ("experts_backward", (False, True))]  # no parameter grads, dZ
     assert rel_err(dx.cpu(), reference_grads(ref, x, dout)[1]["x"]) <= FP32_GRAD_TOL
 
@@ -326,20 +336,23 @@ def test_slot_dropout_near_one_drops_nearly_all():
     assert keep.float().mean().item() < 1e-3
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["plan", "legacy-plan"])
 @pytest.mark.parametrize("keep_slots", [True, False])
-def test_training_grads_match_reference_given_the_same_masks(keep_slots, monkeypatch):
+def test_training_grads_match_reference_given_the_same_masks(keep_slots, legacy):
+    # forward and backward kernels draw the same slot-dropout mask, either generator
     ref = make_layer("odd", seed=23, keep_slots=keep_slots, dropout=0.25, slot_dropout=0.3).train()
     layer = triton_layer(ref)
     x, dout = random_batch(ref, 2, 60, seed=24)
     mask = random_mask(2, 60, seed=25)
     torch.manual_seed(26)
-    got = layer_grads(layer, x, dout, mask)
+    with legacy_kernels(legacy):
+        got = layer_grads(layer, x, dout, mask)
     # the backend's draws, replayed: the slot seed (the device's generator), then Y's keep-mask
     torch.manual_seed(26)
     seed = triton_backend.draw_slot_seed(DEVICE)
     p_total = ref.num_experts * ref.num_slots
     y_keep = torch.rand(2, p_total, ref.dim, device=DEVICE) >= 0.25
-    slot_keep = slot_keep_mask(seed, 0.3, 2, 60, ref.num_heads, p_total, DEVICE).cpu()
+    slot_keep = slot_keep_mask(seed, 0.3, 2, 60, ref.num_heads, p_total, DEVICE, fast_rng=not legacy).cpu()
     assert 0.6 < slot_keep.float().mean() < 0.8
     assert_close(got, reference_grads(ref, x, dout, mask, slot_keep, y_keep.cpu()))
 
