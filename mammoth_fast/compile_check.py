@@ -529,7 +529,9 @@ def _workers() -> int:
 def plan(sizes=SIZE_MATRIX, hardest: bool = False, hardest_beyond_recommended: bool = False) -> list:
     """[(Sizes, hardest)] to check: every size in fp32 and bf16, fp64 at
     FP64_SIZES; ``hardest_beyond_recommended`` (what the tests run): all
-    variants at the recommended size, fp64 there only, the hardest elsewhere."""
+    variants at the recommended size, fp64 there only, the hardest elsewhere
+    (and the legacy kernel plan only at the recommended size, in its hardest
+    variants: ``run_checks``)."""
     out = []
     for size in sizes:
         fp64 = size == RECOMMENDED if hardest_beyond_recommended else size in FP64_SIZES
@@ -559,8 +561,11 @@ def run_checks(workers: int | None = None, sizes=SIZE_MATRIX, hardest: bool = Fa
             fn = _kernel_function(kernel)
             modules[kernel.name] = kernel.module
             for legacy in kernel.plans:
+                if legacy and hardest_beyond_recommended and only_hardest:
+                    continue  # the tests' check: the legacy plan (the kernels checked before it) at the recommended size
                 metas = kernel.metas(sz, legacy)
-                for flags in _flag_combos(kernel, sz, only_hardest, legacy):
+                hardest_here = only_hardest or (legacy and hardest_beyond_recommended)  # ... in its hardest variants
+                for flags in _flag_combos(kernel, sz, hardest_here, legacy):
                     args = kernel.args(sz, **flags)
                     unit = tuple(_job(kernel, fn, {**args, **meta}) for meta in metas)
                     cases = jobs.setdefault(unit, [])
