@@ -529,9 +529,9 @@ def _workers() -> int:
 def plan(sizes=SIZE_MATRIX, hardest: bool = False, hardest_beyond_recommended: bool = False) -> list:
     """[(Sizes, hardest)] to check: every size in fp32 and bf16, fp64 at
     FP64_SIZES; ``hardest_beyond_recommended`` (what the tests run): all
-    variants at the recommended size, fp64 there only, the hardest elsewhere
-    (and the legacy kernel plan only at the recommended size, in its hardest
-    variants: ``run_checks``)."""
+    fp32 and bf16 variants at the recommended size, fp64 there only and in its
+    hardest variants, the hardest elsewhere (and the legacy kernel plan only at
+    the recommended size, in its hardest variants: ``run_checks``)."""
     out = []
     for size in sizes:
         fp64 = size == RECOMMENDED if hardest_beyond_recommended else size in FP64_SIZES
@@ -540,7 +540,8 @@ def plan(sizes=SIZE_MATRIX, hardest: bool = False, hardest_beyond_recommended: b
             # the tests' check: one bag size (N % 16 == 0) at the recommended size too
             ns = (100_000,) if hardest_beyond_recommended else N_VALUES.get(size, (100_000,))
             for n in ns:
-                only_hardest = hardest or (hardest_beyond_recommended and size != RECOMMENDED)
+                # the tests: fp64 (gradcheck only, where spills are allowed) in its hardest variants
+                only_hardest = hardest or (hardest_beyond_recommended and (size != RECOMMENDED or dtype == torch.float64))
                 out.append((Sizes.of(size, n, dtype), only_hardest))
     return out
 

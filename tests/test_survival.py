@@ -199,11 +199,11 @@ def c_index_of_predictions(path):
 def survival_run(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("surv")
-    data = make_synthetic_survival_set(root / "data", layout="clam", num_cases=48, slides_per_case=(1, 2), dim=16,
-                                       patches=(4, 60), signal=3.0, effect=2.0, censoring=0.3, seed=11)
+    data = make_synthetic_survival_set(root / "data", layout="clam", num_cases=40, slides_per_case=(1, 2), dim=16,
+                                       patches=(4, 40), signal=3.0, effect=2.0, censoring=0.3, seed=11)
     out = root / "out"
     rc = main(["train", "--task", "survival", "--features", str(data.features_dir), "--labels", str(data.labels_csv),
-               "--model", "abmil.base", "--out", str(out), "--folds", "3", "--epochs", "12", "--lr", "5e-3",
+               "--model", "abmil.base", "--out", str(out), "--folds", "3", "--epochs", "10", "--lr", "5e-3",
                "--bins", "3", "--overrides", TINY])
     assert rc == 0
     return data, out
