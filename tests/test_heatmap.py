@@ -211,6 +211,10 @@ def test_outputs_over_the_slide(site, tmp_path):
             assert name == f"top_patches/expert_{e}/rank{rank:02d}_x{x}_y{y}.png"
             np.testing.assert_array_equal(np.asarray(Image.open(out / name)), slide.image[y:y + 128, x:x + 128])
         assert (out / "top_patches" / f"expert_{e}.png").is_file()
+    # a second run with other experts into the same folder leaves no map of the first run's
+    write_heatmaps(net, [slide.features], tmp_path, meta=meta, options=HeatmapOptions(experts=[1], **SMALL),
+                   progress=False)
+    assert sorted(p.name for p in out.glob("expert_*.png")) == ["expert_1.png"]
 
 
 def test_clam_features_on_a_blank_canvas_without_mammoth(site, tmp_path):

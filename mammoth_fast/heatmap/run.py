@@ -294,7 +294,12 @@ def _pictures(layout: PatchLayout, scores: SlideScores, chosen: Sequence[int], w
 def draw_pictures(folder: Path, layout: PatchLayout, scores: SlideScores, chosen: Sequence[int], wsi,
                   options: HeatmapOptions) -> List[str]:
     """Write the PNG maps of one slide in ``folder`` (PNG encoding in threads,
-    a few pictures in flight); returns their file names."""
+    a few pictures in flight); returns their file names. Expert maps of an
+    earlier run with other ``--experts`` are removed, so the folder shows this run."""
+    keep = {f"expert_{e}.png" for e in chosen}
+    for old in folder.glob("expert_*.png"):
+        if old.name not in keep:
+            old.unlink()
     names, pending = [], []
     with ThreadPoolExecutor(max_workers=SAVE_THREADS) as pool:
         for name, image in _pictures(layout, scores, chosen, wsi, options):
