@@ -90,3 +90,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def run_cli(argv, capsys):
+    """``mammoth-fast argv`` in this process: (exit code, the stderr lines but
+    progress bars: tqdm redraws after a carriage return)."""
+    import re
+
+    from mammoth_fast.cli import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as exc:
+        rc = exc.code
+    err = capsys.readouterr().err
+    return rc, [line for line in re.split(r"[\r\n]", err) if line.strip() and "%|" not in line]

@@ -3,7 +3,6 @@ problem (the file, slide, column or flag) and exits non-zero, without a
 traceback; `--help` explains every flag; `python -m mammoth_fast` runs the same."""
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_cli
 from mammoth_fast.cli import main
 from mammoth_fast.data.synthetic import make_synthetic_set, write_trident_h5
 
@@ -26,16 +26,6 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     return make_synthetic_set(root, layout="trident", num_cases=6, slides_per_case=(1, 1), dim=8, patches=(2, 20),
                               seed=1)
-
-
-def run(argv, capsys):
-    """(exit code, the stderr lines but progress bars: tqdm redraws after a carriage return)."""
-    try:
-        rc = main(argv)
-    except SystemExit as exc:
-        rc = exc.code
-    err = capsys.readouterr().err
-    return rc, [line for line in re.split(r"[\r\n]", err) if line.strip() and "%|" not in line]
 
 
 def train_args(data, out, *extra):
@@ -62,33 +52,33 @@ def assert_clean_error(rc, lines, code, *needles):
     (["--batch-size", "two"], "--batch-size: expected an integer"),
 ])
 def test_bad_flag_values(data, tmp_path, capsys, extra, needle):
-    assert_clean_error(*run(train_args(data, tmp_path / "out", *extra), capsys), 2, needle)
+    assert_clean_error(*run_cli(train_args(data, tmp_path / "out", *extra), capsys), 2, needle)
 
 
 def test_missing_flag_and_bad_model_name(data, tmp_path, capsys):
-    assert_clean_error(*run(["train", "--features", str(data.features_dir)], capsys), 2, "required")
+    assert_clean_error(*run_cli(["train", "--features", str(data.features_dir)], capsys), 2, "required")
     args = train_args(data, tmp_path / "out")
     args[args.index("abmil.base")] = "abmil.huge"
-    assert_clean_error(*run(args, capsys), 2, "--model", "unknown model name 'abmil.huge'")
+    assert_clean_error(*run_cli(args, capsys), 2, "--model", "unknown model name 'abmil.huge'")
 
 
 def test_bad_input_files(data, tmp_path, capsys):
     args = train_args(data, tmp_path / "out")
     swap = lambda flag, value: [value if a == args[args.index(flag) + 1] else a for a in args]  # noqa: E731
-    assert_clean_error(*run(swap("--features", str(tmp_path / "nowhere")), capsys), 1, "nowhere: no such features folder")
-    assert_clean_error(*run(swap("--labels", str(tmp_path / "none.csv")), capsys), 1, "none.csv: no such label table")
-    assert_clean_error(*run([*args, "--label-col", "subtype"], capsys), 1, "no label column 'subtype'")
-    assert_clean_error(*run([*args, "--splits", str(tmp_path / "nosplits")], capsys), 1, "no such splits folder")
-    assert_clean_error(*run([*args, "--overrides", '{"nonsense": 1}'], capsys), 1, "unknown override(s) ['nonsense']")
-    assert_clean_error(*run(swap("--model", "abmil.base.uni"), capsys), 1,
+    assert_clean_error(*run_cli(swap("--features", str(tmp_path / "nowhere")), capsys), 1, "nowhere: no such features folder")
+    assert_clean_error(*run_cli(swap("--labels", str(tmp_path / "none.csv")), capsys), 1, "none.csv: no such label table")
+    assert_clean_error(*run_cli([*args, "--label-col", "subtype"], capsys), 1, "no label column 'subtype'")
+    assert_clean_error(*run_cli([*args, "--splits", str(tmp_path / "nosplits")], capsys), 1, "no such splits folder")
+    assert_clean_error(*run_cli([*args, "--overrides", '{"nonsense": 1}'], capsys), 1, "unknown override(s) ['nonsense']")
+    assert_clean_error(*run_cli(swap("--model", "abmil.base.uni"), capsys), 1,
                        "the features are 8 wide but model 'abmil.base.uni' takes 1024")
     missing = tmp_path / "labels.csv"
     missing.write_text(data.labels_csv.read_text() + "case_099,ghost_slide,tumor\n")
-    assert_clean_error(*run(swap("--labels", str(missing)), capsys), 1, "slide 'ghost_slide'", "no features file")
+    assert_clean_error(*run_cli(swap("--labels", str(missing)), capsys), 1, "slide 'ghost_slide'", "no features file")
     (tmp_path / "out_file").write_text("")
-    assert_clean_error(*run(swap("--out", str(tmp_path / "out_file")), capsys), 1, "exists and is not a folder")
+    assert_clean_error(*run_cli(swap("--out", str(tmp_path / "out_file")), capsys), 1, "exists and is not a folder")
     if not torch.cuda.is_available():
-        assert_clean_error(*run([*args, "--device", "cuda"], capsys), 1, "no CUDA GPU is available")
+        assert_clean_error(*run_cli([*args, "--device", "cuda"], capsys), 1, "no CUDA GPU is available")
 
 
 def test_several_encoders_need_encoder_flag(data, tmp_path, capsys):
@@ -98,8 +88,8 @@ def test_several_encoders_need_encoder_flag(data, tmp_path, capsys):
             write_trident_h5(root / f"features_{enc}" / f"{slide}.h5", np.ones((3, 8), np.float32))
     args = train_args(data, tmp_path / "out")
     args[args.index("--features") + 1] = str(root)
-    assert_clean_error(*run(args, capsys), 1, "several encoders' features")
-    assert_clean_error(*run([*args, "--encoder", "virchow"], capsys), 1, "no features_virchow/ folder")
+    assert_clean_error(*run_cli(args, capsys), 1, "several encoders' features")
+    assert_clean_error(*run_cli([*args, "--encoder", "virchow"], capsys), 1, "no features_virchow/ folder")
 
 
 @pytest.mark.parametrize("problem", ["nan", "empty", "not_hdf5", "no_features"])
@@ -128,7 +118,7 @@ def test_bad_slide_named(data, tmp_path, capsys, problem, reader):
     extra = ["--cache", str(tmp_path / "cache")] if reader == "cache" else ["--workers", "1"]
     message = {"nan": "hold NaN or Inf", "empty": "empty slide", "not_hdf5": "not an HDF5 file",
                "no_features": "no 'features' dataset"}[problem]
-    assert_clean_error(*run([*args, *extra], capsys), 1, f"slide {bad!r}", message)
+    assert_clean_error(*run_cli([*args, *extra], capsys), 1, f"slide {bad!r}", message)
 
 
 def test_eval_errors(data, tmp_path, capsys):
@@ -139,19 +129,19 @@ def test_eval_errors(data, tmp_path, capsys):
     args = ["eval", "--checkpoint", str(ckpt), "--features", str(data.features_dir), "--labels", str(data.labels_csv),
             "--out", str(tmp_path / "ev")]
     swap = lambda flag, value: [value if a == args[args.index(flag) + 1] else a for a in args]  # noqa: E731
-    assert_clean_error(*run(swap("--checkpoint", str(tmp_path / "none.pt")), capsys), 1, "none.pt: no such checkpoint")
+    assert_clean_error(*run_cli(swap("--checkpoint", str(tmp_path / "none.pt")), capsys), 1, "none.pt: no such checkpoint")
     plain = tmp_path / "plain.pt"
     torch.save(torch.load(ckpt, weights_only=True)["state_dict"], plain)
-    assert_clean_error(*run(swap("--checkpoint", str(plain)), capsys), 1, "not a checkpoint written by mammoth-fast")
+    assert_clean_error(*run_cli(swap("--checkpoint", str(plain)), capsys), 1, "not a checkpoint written by mammoth-fast")
     (tmp_path / "junk.pt").write_text("junk")
-    assert_clean_error(*run(swap("--checkpoint", str(tmp_path / "junk.pt")), capsys), 1, "cannot be read as a checkpoint")
+    assert_clean_error(*run_cli(swap("--checkpoint", str(tmp_path / "junk.pt")), capsys), 1, "cannot be read as a checkpoint")
     other = tmp_path / "other.csv"
     other.write_text(data.labels_csv.read_text().replace(",tumor", ",normal"))
-    assert_clean_error(*run(swap("--labels", str(other)), capsys), 1, "label 'normal', not one of the classes")
+    assert_clean_error(*run_cli(swap("--labels", str(other)), capsys), 1, "label 'normal', not one of the classes")
     wide = tmp_path / "wide"
     for slide in data.slide_ids:
         write_trident_h5(wide / f"{slide}.h5", np.ones((3, 12), np.float32))
-    assert_clean_error(*run(swap("--features", str(wide)), capsys), 1, "the features are 12 wide", "takes 8")
+    assert_clean_error(*run_cli(swap("--features", str(wide)), capsys), 1, "the features are 12 wide", "takes 8")
 
 
 def _python_m(*args, **kw):

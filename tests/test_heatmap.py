@@ -5,7 +5,6 @@ and top patches on a synthetic tiled TIFF read through openslide; clear errors
 for bad input; the command end to end."""
 import csv
 import json
-import re
 
 import h5py
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import LargestTensor
+from conftest import LargestTensor, run_cli
 from mammoth_fast import Mammoth
 from mammoth_fast.cli import main
 from mammoth_fast.data import DataError, read_bag
@@ -292,15 +291,6 @@ def test_checkpoints(site, tmp_path):
 
 
 # ------------------------------------------------------------------ the command
-def run_cli(argv, capsys):
-    try:
-        rc = main(argv)
-    except SystemExit as exc:
-        rc = exc.code
-    err = capsys.readouterr().err
-    return rc, [line for line in re.split(r"[\r\n]", err) if line.strip() and "%|" not in line]
-
-
 def test_command_end_to_end(site, tmp_path, capsys):
     slide = site["trident"]
     b = make_synthetic_slide(tmp_path, "slide_b", width=512, height=512, patch=128, dim=DIM, seed=1)

@@ -14,7 +14,7 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -80,13 +80,10 @@ def load_classes(path: PathLike) -> List[str]:
     return classes
 
 
-def read_labels(csv_path: PathLike, label_col: str = "label", slide_col: str = "slide_id",
-                case_col: str = "case_id", classes: Optional[Sequence[str]] = None) -> LabelTable:
-    """Read a label table. Every row needs a slide id, a case id and a label;
-    slide ids must be unique. With ``classes`` (e.g. from :func:`load_classes`)
-    the labels are mapped to that list, and a label outside it is an error;
-    without, the classes are the table's labels sorted (:func:`sorted_classes`)."""
-    path = Path(csv_path)
+def read_table_rows(path: Path, needed: Sequence[Tuple[str, str, str]]) -> List[Dict[str, str]]:
+    """The rows of a label CSV as {column: stripped value}; DataError for a missing
+    or unreadable file, no rows, or a column of ``needed`` ((name, what it holds,
+    how to choose another)) that is not there."""
     if not path.is_file():
         raise DataError(f"{path}: no such label table")
     try:
@@ -96,13 +93,24 @@ def read_labels(csv_path: PathLike, label_col: str = "label", slide_col: str = "
             rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: not a readable CSV ({exc})") from None
-    for col, what, option in ((slide_col, "slide id", "slide_col"), (case_col, "case id", "case_col"),
-                              (label_col, "label", "label_col")):
+    for col, what, option in needed:
         if col not in columns:
             raise DataError(f"{path}: no {what} column {col!r} (columns: {', '.join(columns) or 'none'}; "
-                            f"choose another with {option}=)")
+                            f"choose another with {option})")
     if not rows:
         raise DataError(f"{path}: no rows")
+    return rows
+
+
+def read_labels(csv_path: PathLike, label_col: str = "label", slide_col: str = "slide_id",
+                case_col: str = "case_id", classes: Optional[Sequence[str]] = None) -> LabelTable:
+    """Read a label table. Every row needs a slide id, a case id and a label;
+    slide ids must be unique. With ``classes`` (e.g. from :func:`load_classes`)
+    the labels are mapped to that list, and a label outside it is an error;
+    without, the classes are the table's labels sorted (:func:`sorted_classes`)."""
+    path = Path(csv_path)
+    rows = read_table_rows(path, ((slide_col, "slide id", "slide_col="), (case_col, "case id", "case_col="),
+                                  (label_col, "label", "label_col=")))
     slide_ids, case_ids, names = [], [], []
     seen: Dict[str, int] = {}
     for line, row in enumerate(rows, start=2):  # line 1 is the header

@@ -15,7 +15,6 @@ time, by case. A :class:`SurvivalTable` is a :class:`~.labels.LabelTable` whose
 """
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Union
@@ -23,7 +22,7 @@ from typing import Dict, List, Union
 import numpy as np
 
 from .errors import DataError
-from .labels import LabelTable
+from .labels import LabelTable, read_table_rows
 
 PathLike = Union[str, Path]
 EVENT_VALUES = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1}
@@ -76,22 +75,8 @@ def read_survival_labels(csv_path: PathLike, time_col: str = "time", event_col: 
     """Read a survival table (see the module's docstring); the strata use
     ``strata_bins`` quantile bins of the uncensored cases' times."""
     path = Path(csv_path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such label table")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{path}: not a readable CSV ({exc})") from None
-    for col, what, flag in ((slide_col, "slide id", "--slide-col"), (case_col, "case id", "--case-col"),
-                            (time_col, "time", "--time-col"), (event_col, "event", "--event-col")):
-        if col not in columns:
-            raise DataError(f"{path}: no {what} column {col!r} (columns: {', '.join(columns) or 'none'}; "
-                            f"choose another with {flag})")
-    if not rows:
-        raise DataError(f"{path}: no rows")
+    rows = read_table_rows(path, ((slide_col, "slide id", "--slide-col"), (case_col, "case id", "--case-col"),
+                                  (time_col, "time", "--time-col"), (event_col, "event", "--event-col")))
     slide_ids, case_ids, times, events = [], [], [], []
     bad_time, bad_event = [], []
     seen: Dict[str, int] = {}
