@@ -109,22 +109,26 @@ def query_forward(x, weight, bias, gamma, beta, use_layernorm, store_y=False):
 
 
 def _query_norm_bwd(dq: Tensor, y: Tensor, mean: Optional[Tensor], rstd: Tensor, gamma: Tensor, use_layernorm: bool,
-                    need_dy: bool, need_dgamma: bool) -> List[Tensor]:
-    dy, dgamma = _q.query_norm_backward(dq, y, mean, rstd, gamma, use_layernorm, need_dy, need_dgamma)
-    return [_opt(dy, y), _opt(dgamma, rstd)]
+                    need_dy: bool, need_dgamma: bool, need_db: bool) -> List[Tensor]:
+    dy, dgamma, db = _q.query_norm_backward(dq, y, mean, rstd, gamma, use_layernorm, need_dy, need_dgamma, need_db)
+    return [_opt(dy, y), _opt(dgamma, rstd), _opt(db, rstd)]
 
 
 query_norm_bwd = _op("query_norm_bwd", _q._query_norm_bwd_kernel)(_query_norm_bwd)
 
 
 @query_norm_bwd.register_fake
-def _(dq, y, mean, rstd, gamma, use_layernorm, need_dy, need_dgamma):
-    return [y.new_empty(y.shape if need_dy else (0,)), rstd.new_empty(y.shape[1] if need_dgamma else 0)]
+def _(dq, y, mean, rstd, gamma, use_layernorm, need_dy, need_dgamma, need_db):
+    c = y.shape[1]
+    return [y.new_empty(y.shape if need_dy else (0,)), rstd.new_empty(c if need_dgamma else 0),
+            rstd.new_empty(c if need_db and need_dy else 0)]
 
 
-def query_norm_backward(dq, y, mean, rstd, gamma, use_layernorm, need_dy, need_dgamma):
-    dy, dgamma = _call(query_norm_bwd, _query_norm_bwd, dq, y, mean, rstd, gamma, use_layernorm, need_dy, need_dgamma)
-    return (dy if need_dy else None), (dgamma if need_dgamma else None)
+def query_norm_backward(dq, y, mean, rstd, gamma, use_layernorm, need_dy, need_dgamma, need_db=False):
+    """-> dy, dgamma, db (None where not needed; db needs dy)."""
+    dy, dgamma, db = _call(query_norm_bwd, _query_norm_bwd, dq, y, mean, rstd, gamma, use_layernorm, need_dy,
+                           need_dgamma, need_db)
+    return (dy if need_dy else None), (dgamma if need_dgamma else None), (db if need_db and need_dy else None)
 
 
 # ---------------------------------------------------------------- dispatch

@@ -36,14 +36,16 @@ class QueryFunction(torch.autograd.Function):
         need_dy = need_dx or need_dw or need_db
         if not (need_dy or need_dgamma):
             return None, None, None, None, None, None
-        dy, dgamma = _ops.query_norm_backward(dq, y, mean, rstd, gamma, ctx.use_layernorm, need_dy, need_dgamma)
+        # db = dy.sum(0) comes from the norm kernel (its rows' partials), not from a second pass over dy
+        dy, dgamma, db = _ops.query_norm_backward(dq, y, mean, rstd, gamma, ctx.use_layernorm, need_dy, need_dgamma,
+                                                  need_db)
         # dy is in x's dtype, so with bf16/fp16 inputs the GEMMs run on tensor
         # cores with fp32 accumulation, as the eager layer's backward under
         # autocast does; fp32 GEMMs would first copy x, the largest tensor, to
         # fp32, for accuracy beyond what SPEC section 10 asks.
         dx = dy @ weight.to(dy.dtype) if need_dx else None  # (M, Din)
         dw = (dy.t() @ x).to(weight.dtype) if need_dw else None  # (C, Din)
-        db = dy.sum(0, dtype=rstd.dtype).to(ctx.bias_dtype) if need_db else None  # (C,)
+        db = db.to(ctx.bias_dtype) if need_db else None  # (C,)
         dgamma = dgamma.to(gamma.dtype) if need_dgamma else None
         return dx, dw, db, dgamma, None, None
 

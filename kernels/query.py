@@ -185,13 +185,15 @@ def query_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gam
 
 @triton.jit
 def _query_norm_bwd_kernel(
-    DQ, Y, MEAN, RSTD, GAMMA, DY, DGAMMA_PART,
+    DQ, Y, MEAN, RSTD, GAMMA, DY, DGAMMA_PART, DB_PART,
     M, C,
     stride_dqm, stride_dqc,
-    USE_LAYERNORM: tl.constexpr, NEED_DY: tl.constexpr, NEED_DGAMMA: tl.constexpr,
+    USE_LAYERNORM: tl.constexpr, NEED_DY: tl.constexpr, NEED_DGAMMA: tl.constexpr, NEED_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
-    """BLOCK_M whole rows: dq -> dy, and this program's partial dgamma.
+    """BLOCK_M whole rows: dq -> dy, and this program's partials of dgamma
+    and (NEED_DB) of the projection's bias gradient db = sum_rows dy, taken
+    from dy before its rounding to y's dtype: no second pass over dy.
 
     With yhat the normalized row before gamma (xhat for LayerNorm, y * rstd *
     sqrt(C) for RMS), q = yhat * gamma (+ beta), so dgamma = sum_rows dq * yhat
@@ -229,27 +231,34 @@ def _query_norm_bwd_kernel(
             g -= (tl.sum(g, axis=1) / C)[:, None]
         else:
             proj = tl.where(tl.sqrt(tl.sum(y * y, axis=1)) >= 1e-8, proj, 0.0)
-        dy = (g - yhat * proj[:, None]) * scale[:, None]
+        dy = (g - yhat * proj[:, None]) * scale[:, None]  # (BLOCK_M, BLOCK_C); 0 in padded rows (dq = 0)
         tl.store(DY + y_offs, dy.to(DY.dtype.element_ty), mask=ok)
+        if NEED_DB:
+            tl.store(DB_PART + pid * C + offs_c, tl.sum(dy, axis=0), mask=c_ok)
 
 
 @on_device
 def query_norm_backward(dq: torch.Tensor, y: torch.Tensor, mean: torch.Tensor | None, rstd: torch.Tensor,
-                        gamma: torch.Tensor, use_layernorm: bool, need_dy: bool, need_dgamma: bool):
+                        gamma: torch.Tensor, use_layernorm: bool, need_dy: bool, need_dgamma: bool,
+                        need_db: bool = False):
     """dq (M, C) any strides; y (M, C) contiguous, mean (LayerNorm; else None)
     and rstd (M,) as ``query_forward`` saved them; gamma (C,). Returns dy (M, C)
-    in y's dtype and dgamma (C,) in the accumulator dtype, None where not
-    needed. dgamma sums per-program partials: deterministic, no atomics."""
+    in y's dtype, and dgamma (C,) and db = dy.sum(0) (C,) in the accumulator
+    dtype, None where not needed (db needs dy). dgamma and db sum per-program
+    partials: deterministic, no atomics."""
     check_device(dq, y)
     m, c = y.shape
+    need_db = need_db and need_dy
     dy = torch.empty_like(y) if need_dy else None
     # absent outputs: inputs stand in (never written)
     args = dict(DQ=dq, Y=y, MEAN=mean if mean is not None else rstd, RSTD=rstd, GAMMA=gamma, DY=dy if need_dy else y,
                 M=m, C=c, stride_dqm=dq.stride(0), stride_dqc=dq.stride(1), USE_LAYERNORM=use_layernorm,
-                NEED_DY=need_dy, NEED_DGAMMA=need_dgamma, ACC=TORCH_TO_TL[rstd.dtype])
-    meta, _ = choose(_query_norm_bwd_kernel, y.device, {**args, "DGAMMA_PART": rstd},
+                NEED_DY=need_dy, NEED_DGAMMA=need_dgamma, NEED_DB=need_db, ACC=TORCH_TO_TL[rstd.dtype])
+    meta, _ = choose(_query_norm_bwd_kernel, y.device, {**args, "DGAMMA_PART": rstd, "DB_PART": rstd},
                      query_rows_metas(c, y.dtype))
     grid = (triton.cdiv(m, meta["BLOCK_M"]),)
-    dgamma_part = torch.empty(grid[0], c, device=y.device, dtype=rstd.dtype) if need_dgamma else rstd
-    launch(_query_norm_bwd_kernel, grid, DGAMMA_PART=dgamma_part, **args, **meta)
-    return dy, dgamma_part.sum(0) if need_dgamma else None
+    part = dict(device=y.device, dtype=rstd.dtype)
+    dgamma_part = torch.empty(grid[0], c, **part) if need_dgamma else rstd
+    db_part = torch.empty(grid[0], c, **part) if need_db else rstd
+    launch(_query_norm_bwd_kernel, grid, DGAMMA_PART=dgamma_part, DB_PART=db_part, **args, **meta)
+    return dy, dgamma_part.sum(0) if need_dgamma else None, db_part.sum(0) if need_db else None

@@ -150,11 +150,12 @@ def _query_norm_fwd_args(sz: Sizes, USE_LAYERNORM: bool, STORE_Y: bool) -> dict:
 
 
 def _query_norm_bwd_args(sz: Sizes, USE_LAYERNORM: bool, NEED_DY: bool, NEED_DGAMMA: bool) -> dict:
-    """dq (M, C) contiguous from autograd in q's dtype; y, dy in x's dtype; stats and dgamma partials in ACC."""
+    """dq (M, C) contiguous from autograd in q's dtype; y, dy in x's dtype; stats, dgamma and db partials in
+    ACC (db wherever dy: the projection's bias trains with its weight)."""
     return dict(
         DQ=sz.dtype, Y=sz.dtype, MEAN=sz.acc, RSTD=sz.acc, GAMMA=sz.param, DY=sz.dtype, DGAMMA_PART=sz.acc,
-        M=sz.b * sz.n, C=sz.c, stride_dqm=sz.c, stride_dqc=1,
-        USE_LAYERNORM=USE_LAYERNORM, NEED_DY=NEED_DY, NEED_DGAMMA=NEED_DGAMMA, ACC=TORCH_TO_TL[sz.acc],
+        DB_PART=sz.acc, M=sz.b * sz.n, C=sz.c, stride_dqm=sz.c, stride_dqc=1,
+        USE_LAYERNORM=USE_LAYERNORM, NEED_DY=NEED_DY, NEED_DGAMMA=NEED_DGAMMA, NEED_DB=NEED_DY, ACC=TORCH_TO_TL[sz.acc],
     )
 
 

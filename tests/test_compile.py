@@ -186,7 +186,7 @@ def op_samples():
     xs = det(x.reshape(18, -1), p.wq_weight, p.wq_bias, p.norm_gamma, p.norm_beta)
     yield "query_fwd", (*xs, True, True)
     yield "query_fwd", (*xs[:4], None, False, False)
-    yield "query_norm_bwd", (torch.randn_like(q.view(18, -1)), y_pre, mean, rstd, xs[3], True, True, True)
+    yield "query_norm_bwd", (torch.randn_like(q.view(18, -1)), y_pre, mean, rstd, xs[3], True, True, True, True)
     q = q.detach()
     y = None
     # the default kernel plan, then the legacy one with the mask and slot dropout
@@ -243,7 +243,7 @@ def test_triton_ops_trace_into_kernel_launches():
     for kernel, arg, _ in report["written"]:
         written.setdefault(kernel, []).append(arg)
     assert {k: sorted(v) for k, v in written.items()} == {
-        "_query_fwd_kernel": sorted(["Q", "MEAN", "RSTD"] * 2 + ["Y"]), "_query_norm_bwd_kernel": ["DGAMMA_PART", "DY"],
+        "_query_fwd_kernel": sorted(["Q", "MEAN", "RSTD"] * 2 + ["Y"]), "_query_norm_bwd_kernel": ["DB_PART", "DGAMMA_PART", "DY"],
         "_dispatch_partial_kernel": sorted(["M_PART", "L_PART", "ACC_PART"] * 2),
         "_dispatch_merge_kernel": ["LSE", "LSE", "Z", "Z"], "_dispatch_bwd_kernel": ["DK_PART", "DQ"],
         "_experts_proj_kernel": ["V", "V"],

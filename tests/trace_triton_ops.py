@@ -69,9 +69,9 @@ def chain(layer, x):
     dq_c, dk_c, dy = _ops.combine_backward(out, q, k, y, o, lse_c, None, drop, True, True, True)
     dz, *dlora = _ops.experts_backward(dy, z, *lora, v, inv_norm, True, True)
     dq_d, dk_d = _ops.dispatch_backward(dz, q, k, z, lse_d, None, drop, True, True)
-    dy_pre, dgamma = _ops.query_norm_backward((dq_c + dq_d).reshape(bsz * n, -1), y_pre, mean, rstd, p.norm_gamma,
-                                              p.use_layernorm, True, True)
-    return out, dk_c + dk_d, dy_pre, dgamma, *dlora
+    dy_pre, dgamma, db = _ops.query_norm_backward((dq_c + dq_d).reshape(bsz * n, -1), y_pre, mean, rstd,
+                                                  p.norm_gamma, p.use_layernorm, True, True, True)
+    return out, dk_c + dk_d, dy_pre, dgamma, db, *dlora
 
 
 class Chain(torch.nn.Module):
