@@ -33,7 +33,7 @@ import torch
 from mammoth_fast.kernels._launch import split_n
 from mammoth_fast.kernels.combine import combine_dkdy_meta, combine_dq_meta, combine_meta
 from mammoth_fast.kernels.dispatch import (dispatch_bwd_fused_ok, dispatch_bwd_meta, dispatch_dk_meta, dispatch_dq_meta,
-                                           dispatch_meta)
+                                           dispatch_meta, routing_bwd_fused_ok)
 from mammoth_fast.kernels.experts import experts_meta
 from mammoth_fast.kernels.query import query_meta, query_rows_meta
 from mammoth_fast.sizes import LayerSizes as Sizes
@@ -221,24 +221,33 @@ def mammoth_kernels(n: int, dtype: torch.dtype, keep_slots: bool, sz: Sizes = RE
 
     # ================================================================ backward
     dispatch_fused = not legacy and dispatch_bwd_fused_ok(p, dh, dtype)
+    routing_fused = not keep_slots and not legacy and routing_bwd_fused_ok(p, dh, do, dtype)
     c_splits = 0  # n-chunks of the combine backward's partials
     if not keep_slots:
-        cq = combine_dq_meta(p, dh, do, dtype)
-        qp_pad_c, qn_pad_c = _pad(p, cq["BLOCK_P"]), _pad(n, cq["BLOCK_N"])
-        out.append(KernelCost(
-            "combine bwd dq (+delta_c)", "bwd", "triton", dot, 2 * bn * h * p * (2 * dh + do), bn * h * p,
-            bn * c * s + 2 * bn * d * s + nh + k_bytes + y_bytes + bn * c * s + nh,
-            2 * b * h * qp_pad_c * qn_pad_c * (2 * dh + do), b * h * qp_pad_c * qn_pad_c,
-            note="reads q, dO, out, LSE, K, Y; writes dq, delta_c"))
+        if not routing_fused:
+            cq = combine_dq_meta(p, dh, do, dtype)
+            qp_pad_c, qn_pad_c = _pad(p, cq["BLOCK_P"]), _pad(n, cq["BLOCK_N"])
+            out.append(KernelCost(
+                "combine bwd dq (+delta_c)", "bwd", "triton", dot, 2 * bn * h * p * (2 * dh + do), bn * h * p,
+                bn * c * s + 2 * bn * d * s + nh + k_bytes + y_bytes + bn * c * s + nh,
+                2 * b * h * qp_pad_c * qn_pad_c * (2 * dh + do), b * h * qp_pad_c * qn_pad_c,
+                note="reads q, dO, out, LSE, K, Y; writes dq, delta_c"))
         ck = combine_dkdy_meta(p, dh, do, dtype)
         kp_pad, kn_pad = _pad(p, ck["BLOCK_P"]), _pad(n, ck["BLOCK_N"])
         ck["n_splits"] = c_splits = split_n(n, ck["BLOCK_N"], -(-p // ck["BLOCK_P"]) * ck["NUM_V"] * b * h,
                                             RESIDENT_PER_SM * m.sm_count)[0]
-        out.append(KernelCost(
-            "combine bwd dK/dY", "bwd", "triton", dot, 2 * bn * h * p * (2 * dh + 2 * do), bn * h * p,
-            bn * c * s + bn * d * s + 2 * nh + k_bytes + y_bytes + b * h * ck["n_splits"] * p * (dh + do) * f,
-            2 * b * h * kp_pad * kn_pad * (2 * dh + 2 * do), b * h * kp_pad * kn_pad,
-            note=f"{ck['n_splits']} n-chunks of partials"))
+        if routing_fused:  # dY alone: the logits and Cw^T dO
+            out.append(KernelCost(
+                "combine bwd dY", "bwd", "triton", dot, 2 * bn * h * p * (dh + do), bn * h * p,
+                bn * c * s + bn * d * s + nh + k_bytes + y_bytes + b * h * c_splits * p * do * f,
+                2 * b * h * kp_pad * kn_pad * (dh + do), b * h * kp_pad * kn_pad,
+                note=f"the dK/dY kernel without dK; {c_splits} n-chunks of partials"))
+        else:
+            out.append(KernelCost(
+                "combine bwd dK/dY", "bwd", "triton", dot, 2 * bn * h * p * (2 * dh + 2 * do), bn * h * p,
+                bn * c * s + bn * d * s + 2 * nh + k_bytes + y_bytes + b * h * c_splits * p * (dh + do) * f,
+                2 * b * h * kp_pad * kn_pad * (2 * dh + 2 * do), b * h * kp_pad * kn_pad,
+                note=f"{c_splits} n-chunks of partials"))
 
     ns_e = -(-sz.s // em["BLOCK_S"])
     eparts = b * ns_e * (e * h * (dh * r + r + r * do) + 2 * e * d) * f  # dA, da, dBw, dg, dc partials
@@ -249,15 +258,23 @@ def mammoth_kernels(n: int, dtype: torch.dtype, keep_slots: bool, sz: Sizes = RE
         note="the four backward products and u recomputed; dv written and read back"))
 
     if dispatch_fused:
-        db = dispatch_bwd_meta(p, dh, dtype)
+        db = dispatch_bwd_meta(p, dh, dtype, do if routing_fused else 0)
         dbp, dbn = _pad(p, db["BLOCK_P"]), _pad(n, db["BLOCK_N"])
         d_splits = split_n(n, db["BLOCK_N"], b * h, RESIDENT_PER_SM * m.sm_count)[0]
-        out.append(KernelCost(
-            "dispatch bwd (fused)", "bwd", "triton", dot, 10 * bn * h * p * dh, bn * h * p,
-            bn * c * s + k_bytes + z_bytes + 2 * lse_d + bn * c * s + b * h * d_splits * p * dh * f,
-            10 * b * h * dbp * dbn * dh, b * h * dbp * dbn,
-            note=f"dq and dK from one exponential pass: {db['BLOCK_N']} x {db['BLOCK_P']} tiles, {dbp} slots for "
-                 f"{p}; {d_splits} n-chunks of partials"))
+        fused_bytes = bn * c * s + k_bytes + z_bytes + 2 * lse_d + bn * c * s + b * h * d_splits * p * dh * f
+        tiles = f"{db['BLOCK_N']} x {db['BLOCK_P']} tiles, {dbp} slots for {p}; {d_splits} n-chunks of partials"
+        if routing_fused:  # + dO . Y per logit; reads dO, out, LSE_c and Y (dot dtype); alpha per patch
+            out.append(KernelCost(
+                "routing bwd (fused)", "bwd", "triton", dot, 2 * bn * h * p * (5 * dh + do), bn * h * p + bn * h,
+                fused_bytes + 2 * bn * d * s + nh + b * p * d * s + 2 * lse_d,
+                2 * b * h * dbp * dbn * (5 * dh + do), b * h * dbp * dbn + bn * h,
+                note=f"dq and dK of dispatch and combine from one exponential pass (combine's weights by a "
+                     f"rank-one rescale of dispatch's): {tiles}"))
+        else:
+            out.append(KernelCost(
+                "dispatch bwd (fused)", "bwd", "triton", dot, 10 * bn * h * p * dh, bn * h * p, fused_bytes,
+                10 * b * h * dbp * dbn * dh, b * h * dbp * dbn,
+                note=f"dq and dK from one exponential pass: {tiles}"))
     else:
         dq_meta = dispatch_dq_meta(p, dh, dtype)
         qp_pad, qn_pad = _pad(p, dq_meta["BLOCK_P"]), _pad(n, dq_meta["BLOCK_N"])
@@ -273,7 +290,7 @@ def mammoth_kernels(n: int, dtype: torch.dtype, keep_slots: bool, sz: Sizes = RE
             "dispatch bwd dK", "bwd", "triton", dot, 6 * bn * h * p * dh, bn * h * p,
             bn * c * s + k_bytes + z_bytes + 2 * lse_d + b * h * d_splits * p * dh * f,
             6 * b * h * kp_pad * kn_pad * dh, b * h * kp_pad * kn_pad, note=f"{d_splits} n-chunks of partials"))
-    if not keep_slots:
+    if not keep_slots and not routing_fused:
         out.append(KernelCost("autograd dq add", "bwd", "torch", "none", 0, 0, 3 * bn * c * s, 0, 0,
                               note="dq of dispatch + dq of combine, summed by autograd"))
 
@@ -291,8 +308,9 @@ def mammoth_kernels(n: int, dtype: torch.dtype, keep_slots: bool, sz: Sizes = RE
     # small torch ops of the backward: delta_d, partial sums (dK, dY, expert params, dgamma, db), casts
     small_bwd = (2 * z_bytes + lse_d + b * h * d_splits * p * dh * f + eparts + 2 * ngrid * c * f
                  + (c * din * (s + 4) if s < 4 else 0) + (y_bytes + b * p * d * s if keep_slots and s < 4 else 0))
-    if not keep_slots:
-        small_bwd += b * h * c_splits * p * (dh + do) * f + 2 * y_bytes
+    if not keep_slots:  # the combine partials' sums, dY's dropout, and (fused) Y's cast, g and beta
+        small_bwd += (b * h * c_splits * p * (do if routing_fused else dh + do) * f + 2 * y_bytes
+                      + (y_bytes + b * p * d * s + 3 * lse_d if routing_fused else 0))
     out.append(KernelCost("small torch ops (bwd)", "bwd", "torch", "none", 0, 0, small_bwd, 0, 0,
                           note="delta_d, sums of partials, casts"))
     return out

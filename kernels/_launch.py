@@ -183,6 +183,20 @@ def cap(dtype: torch.dtype, half: int, fp32: int) -> int:
 # -------------------------------------------------------------- kernel plan
 LOG2E = 1.4426950408889634
 
+RESCALE_MAX_LOG2 = 64.0
+"""The fused routing backward (keep_slots=False) takes a patch's combine
+weights from its dispatch weights, Cw = Dw exp(LSE_d - g) exp(g - LSE_c), where
+(g - LSE_c) log2(e) is at most this (a factor of at most 2**64), and from their
+own exponentials elsewhere (``dispatch._combine_rows``, ``combine._far_rows``).
+Read at each launch, so that tests can force either path."""
+
+
+def finite_max(lse: torch.Tensor) -> torch.Tensor:
+    """g: per (bag, head) the largest finite dispatch LSE, (B, H, 1) from (B, H,
+    P); -inf where no slot is reached. The fused routing backward's reference."""
+    return torch.where(torch.isfinite(lse), lse, float("-inf")).amax(-1, keepdim=True).contiguous()
+
+
 _PLAN = {"legacy": os.environ.get("MAMMOTH_FAST_LEGACY_KERNELS", "0") not in ("", "0")}
 
 

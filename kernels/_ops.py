@@ -155,8 +155,11 @@ def dispatch_forward(q, k, mask, drop=None, legacy=False):
 
 
 def _dispatch_bwd(dz: Tensor, q: Tensor, k: Tensor, z: Tensor, lse: Tensor, mask: Optional[Tensor],
-                  seed: Optional[Tensor], p_drop: float, need_dq: bool, need_dk: bool, legacy: bool) -> List[Tensor]:
-    dq, dk = _d.dispatch_backward(dz, q, k, z, lse, mask, make_drop(seed, p_drop), need_dq, need_dk, legacy)
+                  seed: Optional[Tensor], p_drop: float, need_dq: bool, need_dk: bool, legacy: bool,
+                  dout: Optional[Tensor], out: Optional[Tensor], y: Optional[Tensor],
+                  lse_c: Optional[Tensor], dq_far: Optional[Tensor]) -> List[Tensor]:
+    combine = (dout, out, y, lse_c, dq_far) if dout is not None else None
+    dq, dk = _d.dispatch_backward(dz, q, k, z, lse, mask, make_drop(seed, p_drop), need_dq, need_dk, legacy, combine)
     return [_opt(dq, q), _opt(dk, z)]
 
 
@@ -165,13 +168,16 @@ dispatch_bwd = _op("dispatch_bwd", _d._dispatch_bwd_kernel, _d._dispatch_bwd_dq_
 
 
 @dispatch_bwd.register_fake
-def _(dz, q, k, z, lse, mask, seed, p_drop, need_dq, need_dk, legacy):
+def _(dz, q, k, z, lse, mask, seed, p_drop, need_dq, need_dk, legacy, dout, out, y, lse_c, dq_far):
     return [q.new_empty(q.shape if need_dq else (0,)), z.new_empty(k.shape if need_dk else (0,))]
 
 
-def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq, need_dk, legacy=False):
+def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq, need_dk, legacy=False, combine=None):
+    """``combine``: (dO, out, Y, LSE_c) of the combine forward and the far
+    patches' dq (or None), whose part the fused kernel then adds
+    (``dispatch.routing_bwd_fused_ok``)."""
     dq, dk = _call(dispatch_bwd, _dispatch_bwd, dz, q, k, z, lse, mask, *drop_args(drop, q), need_dq, need_dk,
-                   legacy)
+                   legacy, *(combine if combine is not None else (None,) * 5))
     return (dq if need_dq else None), (dk if need_dk else None)
 
 
@@ -247,9 +253,9 @@ def combine_forward(q, k, y, mask, out_dtype, drop=None, legacy=False):
 
 def _combine_bwd(dout: Tensor, q: Tensor, k: Tensor, y: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
                  seed: Optional[Tensor], p_drop: float, need_dq: bool, need_dk: bool,
-                 need_dy: bool, legacy: bool) -> List[Tensor]:
+                 need_dy: bool, legacy: bool, far_of: Optional[Tensor]) -> List[Tensor]:
     dq, dk, dy = _c.combine_backward(dout, q, k, y, out, lse, mask, make_drop(seed, p_drop),
-                                     need_dq, need_dk, need_dy, legacy)
+                                     need_dq, need_dk, need_dy, legacy, far_of)
     acc = acc_dtype(q.dtype)
     return [_opt(dq, q), _opt(dk, q, acc), _opt(dy, q, acc)]
 
@@ -258,15 +264,18 @@ combine_bwd = _op("combine_bwd", _c._combine_bwd_dq_kernel, _c._combine_bwd_dkdy
 
 
 @combine_bwd.register_fake
-def _(dout, q, k, y, out, lse, mask, seed, p_drop, need_dq, need_dk, need_dy, legacy):
+def _(dout, q, k, y, out, lse, mask, seed, p_drop, need_dq, need_dk, need_dy, legacy, far_of):
     acc = acc_dtype(q.dtype)
+    need_dy = need_dy and far_of is None
     return [q.new_empty(q.shape if need_dq else (0,)), q.new_empty(k.shape if need_dk else (0,), dtype=acc),
             q.new_empty(y.shape if need_dy else (0,), dtype=acc)]
 
 
-def combine_backward(dout, q, k, y, out, lse, mask, drop, need_dq, need_dk, need_dy, legacy=False):
+def combine_backward(dout, q, k, y, out, lse, mask, drop, need_dq, need_dk, need_dy, legacy=False, far_of=None):
+    """``far_of``: the dispatch LSE; then the far patches' part only (``combine.combine_backward``), no dY."""
     dq, dk, dy = _call(combine_bwd, _combine_bwd, dout, q, k, y, out, lse, mask, *drop_args(drop, q),
-                       need_dq, need_dk, need_dy, legacy)
+                       need_dq, need_dk, need_dy, legacy, far_of)
+    need_dy = need_dy and far_of is None
     return (dq if need_dq else None), (dk if need_dk else None), (dy if need_dy else None)
 
 

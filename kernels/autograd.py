@@ -115,6 +115,59 @@ class CombineFunction(torch.autograd.Function):
         return dq, dk, dy, None, None, None, None
 
 
+class RoutingFunction(torch.autograd.Function):
+    """keep_slots=False in the default kernel plan where the fused backward takes
+    combine's part (``dispatch.routing_bwd_fused_ok``): dispatch, experts, the
+    dropout on Y and combine as one Function, out (B, N, D) and LSE_d (B, H,
+    P; no gradient) from q, K and the experts' parameters. Its backward runs
+    combine's dY kernel, the experts backward, then one kernel for the dq and
+    dK of dispatch and combine together: two exponential passes over the
+    logits instead of three, and no sum of two dq. (Between them, combine's
+    dq and dK kernels for the far patches only, whose programs find none in
+    all but extreme logits: ``_launch.RESCALE_MAX_LOG2``.) Saves what the four
+    Functions of the chain would (no N*H*P tensor), plus Y's dropout mask (B, P, D)."""
+
+    @staticmethod
+    def forward(ctx, q, k, mask, drop, out_dtype, y_dropout: float, *lora):
+        seed, ctx.p_drop = _ops.drop_args(drop, q)
+        drop = _ops.make_drop(seed, ctx.p_drop)
+        z, lse_d = _ops.dispatch_forward(q, k, mask, drop, False)  # (B, H, P, dh), (B, H, P)
+        y, inv_norm, v = _ops.experts_forward(z, *lora)  # (B, P, D) in the accumulator dtype
+        keep = None
+        if y_dropout > 0:  # as the chain's plain-PyTorch dropout, drawn from the same generator
+            keep = torch.rand_like(y) >= y_dropout
+            y = y * keep / (1.0 - y_dropout)
+        out, lse_c = _ops.combine_forward(q, k, y, mask, out_dtype, drop, False)  # (B, N, D), (B, N, H)
+        ctx.save_for_backward(q, k, z, lse_d, y, out, lse_c, mask, seed, keep, v, inv_norm, *lora)
+        ctx.y_dropout = y_dropout
+        ctx.mark_non_differentiable(lse_d)
+        return out, lse_d
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, _dlse):
+        q, k, z, lse_d, y, out, lse_c, mask, seed, keep, v, inv_norm, *lora = ctx.saved_tensors
+        need_dq, need_dk = ctx.needs_input_grad[:2]
+        need_lora = ctx.needs_input_grad[6:]
+        drop = _ops.make_drop(seed, ctx.p_drop)
+        dout = dout.contiguous()
+        _, _, dy = _ops.combine_backward(dout, q, k, y, out, lse_c, mask, drop, False, False, True, False)
+        if keep is not None:
+            dy = dy * keep / (1.0 - ctx.y_dropout)
+        dz, *dlora = _ops.experts_backward(dy, z, *lora, v, inv_norm, need_param_grads=any(need_lora),
+                                           need_dz=need_dq or need_dk)
+        dq = dk = None
+        if need_dq or need_dk:
+            # the far patches (a logit spread beyond the rescale's bound; usually none) from their own
+            # exponentials: their dq for the fused kernel to add, their dK here
+            dq_far, dk_far, _ = _ops.combine_backward(dout, q, k, y, out, lse_c, mask, drop, need_dq, need_dk, False,
+                                                      False, lse_d)
+            dq, dk = _ops.dispatch_backward(dz, q, k, z, lse_d, mask, drop, need_dq, need_dk, False,
+                                            (dout, out, y, lse_c, dq_far))
+            dk = dk + dk_far if need_dk else None
+        return dq, dk, None, None, None, None, *(g if need else None for g, need in zip(dlora, need_lora))
+
+
 def dispatch(q, k, mask=None, drop=None, legacy=None):
     """Differentiable dispatch: q (B, N, C), k (H, P, dh) -> Z (B, H, P, dh);
     ``legacy`` None: the selected kernel plan (``_launch.legacy_kernels``)."""

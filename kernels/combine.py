@@ -39,9 +39,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch
 from ._launch import LOG2E as LOG2E_
-from ._launch import (Ladder, acc_dtype, block, candidates, cap, check_device, choose, dot_consts, launch, mask_arg,
-                      on_device, slot_block, split_n)
+from ._launch import (Ladder, acc_dtype, block, candidates, cap, check_device, choose, dot_consts,
+                      finite_max, launch, mask_arg, on_device, slot_block, split_n)
 from ._slot_dropout import fast_rng, kernel_p_drop, load_seed, seed_tensor, slot_keep_np, slot_keep_pn
 from ._tiles import dot_rows, exp_minus, load_tile, mm, mma
 
@@ -140,24 +141,59 @@ def _combine_fwd_kernel(
 
 
 @triton.jit
+def _far_rows(LSE, GMAX, b, h, offs_n, n_ok, N, H, RESCALE_MAX_LOG2: tl.constexpr):
+    """The patches of a tile whose combine weights the fused routing backward
+    leaves out (``dispatch._combine_rows``): (g - LSE_c) log2(e) > RESCALE_MAX_LOG2."""
+    lse = tl.load(LSE + (b * N + offs_n) * H + h, mask=n_ok, other=float("inf"))
+    return n_ok & ((tl.load(GMAX + b * H + h) - lse) * LOG2E > RESCALE_MAX_LOG2)
+
+
+@triton.jit
 def _combine_bwd_dq_kernel(
-    Q, K, Y, MASK, OUT, DOUT, LSE, DELTA, DQ,
+    Q, K, Y, MASK, OUT, DOUT, LSE, DELTA, DQ, GMAX,
     N, P, H, SEED, p_drop,
     stride_qb, stride_qn, stride_dqb, stride_dqn,
-    HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, NEED_DQ: tl.constexpr, DH: tl.constexpr, DO: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, NEED_DQ: tl.constexpr, FAR: tl.constexpr,
+    RESCALE_MAX_LOG2: tl.constexpr, DH: tl.constexpr, DO: tl.constexpr,
     NUM_VH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DH: tl.constexpr,
     BLOCK_DO: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     FAST_RNG: tl.constexpr,
 ):
     """BLOCK_N patches of one head of one bag: delta_c = dO . out (stored), and
-    with NEED_DQ, a dh-slice of dq = sum_p Cw (dO . Y[p] - delta_c) K[p] over all P slots."""
-    seed = load_seed(SEED, HAS_DROP)
+    with NEED_DQ, a dh-slice of dq = sum_p Cw (dO . Y[p] - delta_c) K[p] over all
+    P slots. FAR: only the far patches (``_far_rows``; a tile without one does
+    nothing), whose dq rows the fused routing backward then adds to its own."""
     pid_n = tl.program_id(0) // NUM_VH
-    pid_v = tl.program_id(0) % NUM_VH
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    D = H * DO
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # dO of padded patches counts as 0: their output is the constant 0
+    keep = _row_keep(MASK, b, offs_n, N, N, HAS_MASK)
+    if FAR:
+        keep = keep & _far_rows(LSE, GMAX, b, h, offs_n, offs_n < N, N, H, RESCALE_MAX_LOG2)
+        if tl.max(keep.to(tl.int32), axis=0) > 0:
+            _combine_dq_rows(Q, K, Y, OUT, DOUT, LSE, DELTA, DQ, SEED, p_drop, b, h, offs_n, keep, N, P, H,
+                             stride_qb, stride_qn, stride_dqb, stride_dqn, HAS_DROP, NEED_DQ, DH, DO, NUM_VH,
+                             BLOCK_P, BLOCK_DH, BLOCK_DO, DOT_DTYPE, INPUT_PRECISION, ACC, FAST_RNG)
+    else:
+        _combine_dq_rows(Q, K, Y, OUT, DOUT, LSE, DELTA, DQ, SEED, p_drop, b, h, offs_n, keep, N, P, H,
+                         stride_qb, stride_qn, stride_dqb, stride_dqn, HAS_DROP, NEED_DQ, DH, DO, NUM_VH,
+                         BLOCK_P, BLOCK_DH, BLOCK_DO, DOT_DTYPE, INPUT_PRECISION, ACC, FAST_RNG)
+
+
+@triton.jit
+def _combine_dq_rows(Q, K, Y, OUT, DOUT, LSE, DELTA, DQ, SEED, p_drop, b, h, offs_n, keep, N, P, H,
+                     stride_qb, stride_qn, stride_dqb, stride_dqn,
+                     HAS_DROP: tl.constexpr, NEED_DQ: tl.constexpr, DH: tl.constexpr,
+                     DO: tl.constexpr, NUM_VH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DH: tl.constexpr,
+                     BLOCK_DO: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                     ACC: tl.constexpr, FAST_RNG: tl.constexpr):
+    """``_combine_bwd_dq_kernel``'s work on its tile, the patches ``keep`` taking
+    part (dO counts as 0 elsewhere)."""
+    seed = load_seed(SEED, HAS_DROP)
+    pid_v = tl.program_id(0) % NUM_VH
+    BLOCK_N: tl.constexpr = offs_n.shape[0]
+    D = H * DO
     offs_dh = tl.arange(0, BLOCK_DH)
     offs_vh = pid_v * BLOCK_DH + tl.arange(0, BLOCK_DH)  # this program's slice of dh
     offs_do = tl.arange(0, BLOCK_DO)
@@ -165,8 +201,6 @@ def _combine_bwd_dq_kernel(
     dh_ok = offs_dh < DH
     vh_ok = offs_vh < DH
     do_ok = offs_do < DO
-    # dO of padded patches counts as 0: their output is the constant 0
-    keep = _row_keep(MASK, b, offs_n, N, N, HAS_MASK)
     o_base = b * N * D + h * DO  # out and dO: contiguous (B, N, D)
     delta = tl.zeros([BLOCK_N], ACC)
     for d0 in range(0, DO, BLOCK_DO):
@@ -209,17 +243,19 @@ def _combine_bwd_dq_kernel(
 
 @triton.jit
 def _combine_bwd_dkdy_kernel(
-    Q, K, MASK, DOUT, LSE, DELTA, Y, DK_PART, DY_PART,
+    Q, K, MASK, DOUT, LSE, DELTA, Y, DK_PART, DY_PART, GMAX,
     N, P, H, n_per_split, SEED, p_drop,
     stride_qb, stride_qn,
     HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, NEED_DK: tl.constexpr, NEED_DY: tl.constexpr,
+    FAR: tl.constexpr, RESCALE_MAX_LOG2: tl.constexpr,
     DH: tl.constexpr, DO: tl.constexpr, NUM_V: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_DO: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr, FAST_RNG: tl.constexpr,
 ):
     """One (p-block x slice v, b*h, n-chunk): partial dK[p] = sum_n dL_c q[n] in
     the v-th dh-slice and dY[p] = sum_n Cw dO[n] in the v-th do-slice (a slice
-    past the end of its width stores nothing), over the chunk's patches."""
+    past the end of its width stores nothing), over the chunk's patches. FAR:
+    over its far patches only (``_far_rows``), tiles without one skipped."""
     seed = load_seed(SEED, HAS_DROP)
     pid_p = tl.program_id(0) // NUM_V
     pid_v = tl.program_id(0) % NUM_V
@@ -256,31 +292,36 @@ def _combine_bwd_dkdy_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_end
         keep = _row_keep(MASK, b, offs_n, n_end, N, HAS_MASK)
-        lse = tl.load(LSE + (b * N + offs_n) * H + h, mask=n_ok, other=float("inf"))  # (BLOCK_N,)
-        if DH <= BLOCK_DH:  # one slice: the whole head
-            qv = load_tile(q_base, offs_n, stride_qn, offs_dh, n_ok, dh_ok).to(DOT_DTYPE)
-            s = mm(k, tl.trans(qv), INPUT_PRECISION, ACC)  # (BLOCK_P, BLOCK_N)
-        else:
-            qv = load_tile(q_base, offs_n, stride_qn, offs_vh, n_ok, vh_ok).to(DOT_DTYPE)
-            s = dot_rows(k_base, DH, offs_p, p_ok, q_base, stride_qn, offs_n, n_ok, DH, BLOCK_DH,
-                         DOT_DTYPE, INPUT_PRECISION, ACC)
-        ok = _slot_ok(seed, p_drop, b, offs_n, h, pid_p * BLOCK_P, N, H, P, HAS_DROP, BLOCK_P, True, FAST_RNG)
-        w = tl.where(ok, tl.exp2((s - lse[None, :]) * LOG2E), 0.0)  # Cw^T
-        if DO <= BLOCK_DO:
-            dov = load_tile(do_base, offs_n, D, offs_do, keep, do_ok).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_DO)
-        else:
-            dov = load_tile(do_base, offs_n, D, offs_vo, keep, vo_ok).to(DOT_DTYPE)
-        if NEED_DY:
-            dy = mma(w.to(DOT_DTYPE), dov, dy, INPUT_PRECISION, ACC)
-        if NEED_DK:
-            delta = tl.load(DELTA + (b * N + offs_n) * H + h, mask=n_ok, other=0.0)
-            if DO <= BLOCK_DO:
-                dcw = mm(y, tl.trans(dov), INPUT_PRECISION, ACC)  # (BLOCK_P, BLOCK_N)
+        runs = 1
+        if FAR:  # the tile once if it holds a far patch, else not at all
+            keep = keep & _far_rows(LSE, GMAX, b, h, offs_n, n_ok, N, H, RESCALE_MAX_LOG2)
+            runs = tl.max(keep.to(tl.int32), axis=0)
+        for _ in range(runs):
+            lse = tl.load(LSE + (b * N + offs_n) * H + h, mask=n_ok, other=float("inf"))  # (BLOCK_N,)
+            if DH <= BLOCK_DH:  # one slice: the whole head
+                qv = load_tile(q_base, offs_n, stride_qn, offs_dh, n_ok, dh_ok).to(DOT_DTYPE)
+                s = mm(k, tl.trans(qv), INPUT_PRECISION, ACC)  # (BLOCK_P, BLOCK_N)
             else:
-                dcw = dot_rows(y_base, D, offs_p, p_ok, do_base, D, offs_n, keep, DO, BLOCK_DO,
-                               DOT_DTYPE, INPUT_PRECISION, ACC)
-            dl = w * (dcw - delta[None, :])
-            dk = mma(dl.to(DOT_DTYPE), qv, dk, INPUT_PRECISION, ACC)
+                qv = load_tile(q_base, offs_n, stride_qn, offs_vh, n_ok, vh_ok).to(DOT_DTYPE)
+                s = dot_rows(k_base, DH, offs_p, p_ok, q_base, stride_qn, offs_n, n_ok, DH, BLOCK_DH,
+                             DOT_DTYPE, INPUT_PRECISION, ACC)
+            ok = _slot_ok(seed, p_drop, b, offs_n, h, pid_p * BLOCK_P, N, H, P, HAS_DROP, BLOCK_P, True, FAST_RNG)
+            w = tl.where(ok, tl.exp2((s - lse[None, :]) * LOG2E), 0.0)  # Cw^T
+            if DO <= BLOCK_DO:
+                dov = load_tile(do_base, offs_n, D, offs_do, keep, do_ok).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_DO)
+            else:
+                dov = load_tile(do_base, offs_n, D, offs_vo, keep, vo_ok).to(DOT_DTYPE)
+            if NEED_DY:
+                dy = mma(w.to(DOT_DTYPE), dov, dy, INPUT_PRECISION, ACC)
+            if NEED_DK:  # delta_c of the patches taking part (0 elsewhere, as their dO)
+                delta = tl.load(DELTA + (b * N + offs_n) * H + h, mask=keep, other=0.0)
+                if DO <= BLOCK_DO:
+                    dcw = mm(y, tl.trans(dov), INPUT_PRECISION, ACC)  # (BLOCK_P, BLOCK_N)
+                else:
+                    dcw = dot_rows(y_base, D, offs_p, p_ok, do_base, D, offs_n, keep, DO, BLOCK_DO,
+                                   DOT_DTYPE, INPUT_PRECISION, ACC)
+                dl = w * (dcw - delta[None, :])
+                dk = mma(dl.to(DOT_DTYPE), qv, dk, INPUT_PRECISION, ACC)
     part = (pid_bh * n_splits + pid_s) * P + offs_p  # (B*H, n_splits, P)
     if NEED_DK:
         tl.store(DK_PART + part[:, None] * DH + offs_vh[None, :], dk, mask=p_ok[:, None] & vh_ok[None, :])
@@ -395,21 +436,28 @@ def combine_forward(q: torch.Tensor, k: torch.Tensor, y: torch.Tensor, mask: tor
 
 @on_device
 def combine_backward(dout, q, k, y, out, lse, mask, drop, need_dq: bool, need_dk: bool, need_dy: bool,
-                     legacy: bool = False):
+                     legacy: bool = False, far_of: torch.Tensor | None = None):
     """dO (B, N, D) -> dq (B, N, C) in q's dtype, dK (H, P, dh) and dY (B, P, D)
     in the accumulator dtype; None where not needed. dK and dY are reduced
     over n-chunks (and bags, for dK) from per-program partials: deterministic.
-    ``legacy`` picks the slot-dropout generator of the forward's plan."""
+    ``legacy`` picks the slot-dropout generator of the forward's plan.
+
+    ``far_of``, the dispatch LSE (B, H, P): the far patches' part only, which
+    the fused routing backward leaves out (``_far_rows``): dq in their rows
+    (others unwritten; the fused kernel adds these rows to its dq) and their
+    dK; no dY. Programs and tiles without a far patch do nothing."""
     bsz, n, c = q.shape
     h, p, dh = k.shape
     d = y.shape[2]
     do = d // h
     dout = dout.contiguous()
+    far = far_of is not None
     common = dict(Q=q, K=k, Y=y, DOUT=dout, LSE=lse, N=n, P=p, H=h, stride_qb=q.stride(0), stride_qn=q.stride(1),
-                  DH=dh, DO=do, **_common_args(q, mask, drop, legacy))
+                  DH=dh, DO=do, FAR=far, RESCALE_MAX_LOG2=_launch.RESCALE_MAX_LOG2,
+                  GMAX=finite_max(far_of) if far else lse, **_common_args(q, mask, drop, legacy))
     acc = dict(device=q.device, dtype=acc_dtype(q.dtype))
     dq = dk = dy = None
-    delta = torch.empty(bsz, n, h, **acc)  # delta_c: N * H values
+    delta = torch.empty(bsz, n, h, **acc) if need_dq or need_dk else lse  # delta_c: N * H values (lse stands in)
     if need_dq or need_dk:
         dq = torch.empty(bsz, n, c, device=q.device, dtype=q.dtype) if need_dq else None
         dq_arg = dq if need_dq else q  # q stands in: never written without NEED_DQ
@@ -417,6 +465,7 @@ def combine_backward(dout, q, k, y, out, lse, mask, drop, need_dq: bool, need_dk
                     NEED_DQ=need_dq, **common)
         meta, _ = choose(_combine_bwd_dq_kernel, q.device, args, combine_dq_metas(p, dh, do, q.dtype))
         launch(_combine_bwd_dq_kernel, (triton.cdiv(n, meta["BLOCK_N"]) * meta["NUM_VH"], h, bsz), **args, **meta)
+    need_dy = need_dy and not far
     if need_dk or need_dy:
         args = dict(DELTA=delta, NEED_DK=need_dk, NEED_DY=need_dy, **common)
         meta, resident = choose(_combine_bwd_dkdy_kernel, q.device,
@@ -425,8 +474,9 @@ def combine_backward(dout, q, k, y, out, lse, mask, drop, need_dq: bool, need_dk
         blocks = triton.cdiv(p, meta["BLOCK_P"]) * meta["NUM_V"]
         args.update(meta)
         n_splits, n_per_split = split_n(n, meta["BLOCK_N"], blocks * bsz * h, resident)
-        # an absent partial: an input stands in, never a buffer a kernel writes
-        dk_part = torch.empty(bsz, h, n_splits, p, dh, **acc) if need_dk else lse
+        # an absent partial: an input stands in, never a buffer a kernel writes; FAR: tiles
+        # without a far patch add nothing, so the partials start at 0
+        dk_part = (torch.zeros if far else torch.empty)(bsz, h, n_splits, p, dh, **acc) if need_dk else lse
         dy_part = torch.empty(bsz, h, n_splits, p, do, **acc) if need_dy else lse
         launch(_combine_bwd_dkdy_kernel, (blocks, bsz * h, n_splits), DK_PART=dk_part, DY_PART=dy_part,
                n_per_split=n_per_split, **args)

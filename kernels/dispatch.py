@@ -41,9 +41,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch
 from ._launch import LOG2E as LOG2E_
-from ._launch import (TL_TO_TORCH, Ladder, acc_dtype, block, candidates, cap, check_device, choose,
-                      dot_consts, dot_dtype, launch, mask_arg, on_device, slot_block, split_n)
+from ._launch import (TL_TO_TORCH, Ladder, acc_dtype, block, candidates, cap, check_device, choose, dot_consts,
+                      dot_dtype, finite_max, launch, mask_arg, on_device, slot_block, split_n)
 from ._slot_dropout import fast_rng, kernel_p_drop, load_seed, seed_tensor, slot_keep_np, slot_keep_pn
 from ._tiles import dot_rows, exp_minus, load_tile, mm, mma
 
@@ -286,13 +287,20 @@ def zeros_tiles(NUM: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, ACC: 
 
 
 @triton.jit
-def _dispatch_bwd_tile(q, dq, dk, K_HEAD, DZ_HEAD, LSE_HEAD, DELTA_HEAD, MASK, seed, p_drop, b, offs_n, h, n_end,
-                       N, H, P, p0, ROWS: tl.constexpr, DH: tl.constexpr, BLOCK_D: tl.constexpr,
+def _dispatch_bwd_tile(q, dq, dk, rows_c, K_HEAD, DZ_HEAD, LSE_HEAD, DELTA_HEAD, YB_HEAD, BETA_HEAD, MASK, seed,
+                       p_drop, b, offs_n, h, n_end, N, H, P, p0, ROWS: tl.constexpr, DH: tl.constexpr,
+                       BLOCK_D: tl.constexpr, DO: tl.constexpr, BLOCK_O: tl.constexpr,
                        HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, NEED_DQ: tl.constexpr, NEED_DK: tl.constexpr,
-                       DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
-                       FAST_RNG: tl.constexpr):
+                       COMBINE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                       ACC: tl.constexpr, FAST_RNG: tl.constexpr):
     """The slots p0 .. p0 + ROWS against a tile of patches q (BLOCK_N, BLOCK_D):
-    dq (BLOCK_N, BLOCK_D) += sum_p Dw dZ + sum_p dL K, dk (ROWS, BLOCK_D) += dL^T q."""
+    dq (BLOCK_N, BLOCK_D) += sum_p Dw dZ + sum_p dL K, dk (ROWS, BLOCK_D) += dL^T q,
+    with dL = dL_d = Dw (q . dZ - delta_d), or with COMBINE dL_d + dL_c,
+
+        dL = Dw (q . dZ + alpha beta dO . Y - delta_d - alpha beta delta_c),
+
+    Cw = Dw alpha[n] beta[p] (``_combine_rows``): the two products accumulate
+    into one tile, alpha dO (``rows_c``, with alpha delta_c) against beta Y."""
     offs_p = p0 + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
     p_ok = offs_p < P
@@ -303,13 +311,51 @@ def _dispatch_bwd_tile(q, dq, dk, K_HEAD, DZ_HEAD, LSE_HEAD, DELTA_HEAD, MASK, s
     s = mm(q, tl.trans(k), INPUT_PRECISION, ACC)  # (BLOCK_N, ROWS)
     ok = _patch_ok(MASK, seed, p_drop, b, offs_n, h, p0, n_end, N, H, P, HAS_MASK, HAS_DROP, ROWS, False, FAST_RNG)
     w = tl.where(ok, exp_minus(s, lse[None, :], True), 0.0)  # Dw^T
-    dl = w * (mm(q, tl.trans(dz), INPUT_PRECISION, ACC) - delta[None, :])  # dL^T
+    dl = mm(q, tl.trans(dz), INPUT_PRECISION, ACC) - delta[None, :]  # dZ . q - delta_d
+    if COMBINE:
+        alpha_dout, alpha_delta_c, _ = rows_c
+        offs_o = tl.arange(0, BLOCK_O)
+        beta_y = load_tile(YB_HEAD, offs_p, DO, offs_o, p_ok, offs_o < DO)  # (ROWS, BLOCK_O)
+        beta = tl.load(BETA_HEAD + offs_p, mask=p_ok, other=0.0)  # exp(LSE_d - g): 0 for unreached slots
+        dl = mma(alpha_dout, tl.trans(beta_y), dl, INPUT_PRECISION, ACC) - alpha_delta_c[:, None] * beta[None, :]
+    dl = w * dl  # dL^T: dL_d, or dL_d + dL_c
     if NEED_DQ:
         dq = mma(w.to(DOT_DTYPE), dz, dq, INPUT_PRECISION, ACC)
         dq = mma(dl.to(DOT_DTYPE), k, dq, INPUT_PRECISION, ACC)
     if NEED_DK:
         dk = mma(tl.trans(dl.to(DOT_DTYPE)), q, dk, INPUT_PRECISION, ACC)
     return dq, dk
+
+
+@triton.jit
+def _combine_rows(DOUT, OUT, LSE_C, gmax, MASK, b, offs_n, n_end, h, N, H, DO: tl.constexpr,
+                  BLOCK_O: tl.constexpr, HAS_MASK: tl.constexpr, RESCALE_MAX_LOG2: tl.constexpr,
+                  DOT_DTYPE: tl.constexpr, ACC: tl.constexpr):
+    """The combine side of a tile of patches: alpha dO (BLOCK_N, BLOCK_O) in the
+    dot dtype, alpha delta_c (BLOCK_N,), delta_c = dO . out, and the far patches.
+
+    Cw = exp(L - LSE_c) = Dw exp(LSE_d - g) exp(g - LSE_c), g the head's
+    largest finite LSE_d: beta = exp(LSE_d - g) <= 1 per slot (the launcher),
+    alpha = exp(g - LSE_c) per patch, where (g - LSE_c) log2(e) <=
+    RESCALE_MAX_LOG2: there alpha <= 2**RESCALE_MAX_LOG2, and a Dw flushed to 0
+    (below 2**-126) stands for a Cw below 2**(RESCALE_MAX_LOG2 - 126). Other
+    patches (a logit spread beyond that bound), padded ones (their dO counts as
+    0: their output is the constant 0) and those whose every slot is dropped
+    (LSE_c = +inf) get alpha = 0 here; ``combine.combine_backward(far_of=)``
+    computes the far patches' part from their own exponentials, and the kernel
+    adds their dq."""
+    offs_o = tl.arange(0, BLOCK_O)
+    o_ok = offs_o < DO
+    keep = offs_n < n_end
+    if HAS_MASK:
+        keep = keep & (tl.load(MASK + b * N + offs_n, mask=keep, other=0) != 0)
+    o_base = b * N * H * DO + h * DO  # dO and out: contiguous (B, N, D)
+    dout = load_tile(DOUT + o_base, offs_n, H * DO, offs_o, keep, o_ok).to(ACC)  # (BLOCK_N, BLOCK_O)
+    delta_c = tl.sum(dout * load_tile(OUT + o_base, offs_n, H * DO, offs_o, keep, o_ok).to(ACC), axis=1)
+    lse_c = tl.load(LSE_C + (b * N + offs_n) * H + h, mask=offs_n < n_end, other=float("inf"))
+    near = keep & ((gmax - lse_c) * LOG2E <= RESCALE_MAX_LOG2)  # LSE_c = +inf: -inf <= bound, alpha 0
+    alpha = tl.where(near, tl.exp2((gmax - lse_c) * LOG2E), 0.0)
+    return (dout * alpha[:, None]).to(DOT_DTYPE), alpha * delta_c, keep & ~near
 
 
 @triton.jit
@@ -335,11 +381,12 @@ def store_slot_rows(BASE, acc, p0, P, COLS: tl.constexpr, ROWS: tl.constexpr, BL
 
 @triton.jit
 def _dispatch_bwd_kernel(
-    Q, K, DZ, LSE, DELTA, MASK, DQ, DK_PART,
+    Q, K, DZ, LSE, DELTA, MASK, DQ, DK_PART, DOUT, OUT, YB, LSE_C, DQ_FAR, BETA, GMAX,
     N, P, H, n_per_split, SEED, p_drop,
     stride_qb, stride_qn, stride_dqb, stride_dqn,
-    HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, NEED_DQ: tl.constexpr, NEED_DK: tl.constexpr, DH: tl.constexpr,
-    NUM_PT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_DROP: tl.constexpr, NEED_DQ: tl.constexpr, NEED_DK: tl.constexpr,
+    COMBINE: tl.constexpr, RESCALE_MAX_LOG2: tl.constexpr, DH: tl.constexpr, DO: tl.constexpr,
+    NUM_PT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr, FAST_RNG: tl.constexpr,
 ):
     """The dispatch backward of one n-chunk of one (b, h), its exponentials
@@ -348,12 +395,21 @@ def _dispatch_bwd_kernel(
     dL = Dw (dZ . q - delta), then the tile's dq = sum_p Dw dZ + sum_p dL K
     (stored) and the chunk's partial dK[p] = sum_n dL q[n] (summed by the
     launcher), whose accumulators for all P slots stay in registers
-    (``dispatch_bwd_fused_ok``). K and dZ come in the dot dtype (cast once by
-    the launcher) and are re-read per tile of patches from the cache
-    (``per_tile``). Smaller tail tiles (P = 300 as 4 x 64 + 32 + 16) would
+    (``dispatch_bwd_fused_ok``). K, dZ and beta Y come in the dot dtype
+    (cast once by the launcher) and are re-read per tile of patches from the
+    cache (``per_tile``). Smaller tail tiles (P = 300 as 4 x 64 + 32 + 16) would
     compute 304 slots instead of 320, but the masked variant without slot
     dropout spilled on sm_90a at every tile size, warp and stage count tried
-    (triton 3.9), where the uniform tiles do not."""
+    (triton 3.9), where the uniform tiles do not.
+
+    COMBINE (keep_slots=False): the same logits also carry the combine
+    softmax, and dq and dK take its part too: its weights come from Dw by a
+    rank-one rescale (``_combine_rows``), no second exponential, and its
+    dO . Y products accumulate into the tile of dispatch's dZ . q
+    (``_dispatch_bwd_tile``). The routing backward then evaluates the N x H x
+    P exponentials here and once more for dY (combine's dK/dY kernel without
+    dK), not three times. (Combine's dO . Y as a dot of its own, with Cw
+    apart, spilled on sm_90a: three 64 x 64 products live per slot tile.)"""
     seed = load_seed(SEED, HAS_DROP)
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -363,7 +419,12 @@ def _dispatch_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < DH
     q_base = Q + b * stride_qb + h * DH
-    heads_0 = (K + h * P * DH, DZ + pid_bh * P * DH, LSE + pid_bh * P, DELTA + pid_bh * P)  # this (b, h)'s slot data
+    # this (b, h)'s slot data (YB and BETA read only with COMBINE)
+    heads_0 = (K + h * P * DH, DZ + pid_bh * P * DH, LSE + pid_bh * P, DELTA + pid_bh * P, YB + pid_bh * P * DO,
+               BETA + pid_bh * P)
+    gmax = 0.0
+    if COMBINE:
+        gmax = tl.load(GMAX + pid_bh)  # the largest finite LSE_d of the head (-inf: none)
     dk = zeros_tiles(NUM_PT, BLOCK_P, BLOCK_D, ACC)
     n_start = pid_s * n_per_split
     n_end = tl.minimum(n_start + n_per_split, N)
@@ -371,18 +432,24 @@ def _dispatch_bwd_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_end
         q = load_tile(q_base, offs_n, stride_qn, offs_d, n_ok, d_ok).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_D)
+        rows_c = ()
+        if COMBINE:
+            rows_c = _combine_rows(DOUT, OUT, LSE_C, gmax, MASK, b, offs_n, n_end, h, N, H, DO, BLOCK_O, HAS_MASK,
+                                   RESCALE_MAX_LOG2, DOT_DTYPE, ACC)
         heads = per_tile(heads_0, n0)
         dq = tl.zeros([BLOCK_N, BLOCK_D], ACC)
         dk_next = ()
         for t in tl.static_range(NUM_PT):
-            dq, dk_t = _dispatch_bwd_tile(q, dq, dk[t], *heads, MASK, seed, p_drop, b, offs_n, h, n_end, N, H, P,
-                                          t * BLOCK_P, BLOCK_P, DH, BLOCK_D, HAS_MASK, HAS_DROP, NEED_DQ, NEED_DK,
-                                          DOT_DTYPE, INPUT_PRECISION, ACC, FAST_RNG)
+            dq, dk_t = _dispatch_bwd_tile(q, dq, dk[t], rows_c, *heads, MASK, seed, p_drop, b, offs_n, h, n_end,
+                                          N, H, P, t * BLOCK_P, BLOCK_P, DH, BLOCK_D, DO, BLOCK_O, HAS_MASK, HAS_DROP,
+                                          NEED_DQ, NEED_DK, COMBINE, DOT_DTYPE, INPUT_PRECISION, ACC, FAST_RNG)
             dk_next = dk_next + (dk_t,)
         dk = dk_next
         if NEED_DQ:
-            tl.store(DQ + b * stride_dqb + offs_n[:, None].to(tl.int64) * stride_dqn + h * DH + offs_d[None, :],
-                     dq.to(DQ.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+            dq_offs = b * stride_dqb + offs_n[:, None].to(tl.int64) * stride_dqn + h * DH + offs_d[None, :]
+            if COMBINE:  # the far patches' combine part, from their own exponentials (q's layout)
+                dq += tl.load(DQ_FAR + dq_offs, mask=rows_c[2][:, None] & d_ok[None, :], other=0.0).to(ACC)
+            tl.store(DQ + dq_offs, dq.to(DQ.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
     if NEED_DK:
         part = DK_PART + (pid_bh * n_splits + pid_s) * P * DH  # (B*H, n_splits, P, DH)
         for t in tl.static_range(NUM_PT):
@@ -440,22 +507,37 @@ registers: it runs where the padded P x dh tile is at most this many values
 or more slots take the two-kernel backward."""
 
 
-def dispatch_bwd_meta(p: int, dh: int, dtype: torch.dtype) -> dict:
+def dispatch_bwd_meta(p: int, dh: int, dtype: torch.dtype, do: int = 0) -> dict:
     """The fused backward: BLOCK_N patches a step against all slots in NUM_PT
     tiles of ``slot_block`` slots (P = 300: 5 x 64), the head whole (dh <=
     BLOCK_D); 4 warps, pipelined (the spill-free choice at the recommended
     size on sm_90a for every flag variant: 8 warps replicate the 64-row
-    wgmma accumulators over two warpgroups); fp32's FMA dots on 16-patch steps."""
+    wgmma accumulators over two warpgroups); fp32's FMA dots on 16-patch steps.
+    ``do`` > 0: with combine's part (COMBINE), dO and Y in BLOCK_O-wide tiles."""
     block_d = block(dh, maximum=cap(dtype, 64, 32))
     block_p = slot_block(p, maximum=cap(dtype, 64, 64))
     return dict(BLOCK_N=cap(dtype, 64, 16), BLOCK_P=block_p, BLOCK_D=block_d, NUM_PT=triton.cdiv(p, block_p),
-                num_warps=4, num_stages=2)
+                BLOCK_O=block(max(do, 1)), num_warps=4, num_stages=2)
 
 
 def dispatch_bwd_fused_ok(p: int, dh: int, dtype: torch.dtype) -> bool:
     """Whether the fused backward runs at these sizes (else the two kernels)."""
     meta = dispatch_bwd_meta(p, dh, dtype)
     return dh <= meta["BLOCK_D"] and meta["NUM_PT"] * meta["BLOCK_P"] * meta["BLOCK_D"] <= FUSED_BWD_MAX_VALUES
+
+
+ROUTING_BWD_MAX_DO = 64
+"""The fused routing backward holds a head's dO (BLOCK_N x do) whole."""
+
+
+def routing_bwd_fused_ok(p: int, dh: int, do: int, dtype: torch.dtype) -> bool:
+    """Whether the fused backward also takes combine's dq and dK (keep_slots=False):
+    where it runs, do <= ROUTING_BWD_MAX_DO, in bf16 (and fp64, the
+    gradient checks'). Not fp16: alpha dO in the dot operand reaches 2**64 (fp16
+    ends at 65504); not fp32: its FMA dots spill with combine's part on sm_90a.
+    Elsewhere keep_slots=False runs the chain of the four Functions."""
+    return (dtype in (torch.bfloat16, torch.float64) and dispatch_bwd_fused_ok(p, dh, dtype)
+            and do <= ROUTING_BWD_MAX_DO)
 
 
 @functools.lru_cache(maxsize=None)
@@ -478,9 +560,9 @@ def dispatch_dk_metas(p: int, dh: int, dtype: torch.dtype, legacy: bool = False)
 
 
 @functools.lru_cache(maxsize=None)
-def dispatch_bwd_metas(p: int, dh: int, dtype: torch.dtype) -> Ladder:
+def dispatch_bwd_metas(p: int, dh: int, dtype: torch.dtype, do: int = 0) -> Ladder:
     """The fused backward's candidates: fewer patches a step (the P x dh state does not shrink)."""
-    return candidates(dispatch_bwd_meta(p, dh, dtype), ("BLOCK_N",))
+    return candidates(dispatch_bwd_meta(p, dh, dtype, do), ("BLOCK_N",))
 
 
 @functools.lru_cache(maxsize=None)
@@ -534,12 +616,20 @@ def dispatch_forward(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None
 
 
 @on_device
-def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq: bool, need_dk: bool, legacy: bool = False):
+def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq: bool, need_dk: bool, legacy: bool = False,
+                      combine=None):
     """dZ (B, H, P, dh) -> dq (B, N, C) in q's dtype and dK (H, P, dh) in the
     accumulator dtype (None where not needed): one fused kernel where
     ``dispatch_bwd_fused_ok`` (not in the legacy plan), else a dq kernel and a
     dK kernel. dK is reduced over n-chunks and bags from per-program partials:
-    deterministic."""
+    deterministic.
+
+    ``combine`` (dO (B, N, D), out (B, N, D), Y (B, P, D), LSE_c (B, N, H), as
+    the combine forward saw and gave them, and the far patches' dq from
+    ``combine.combine_backward(far_of=)``, laid out as dq; only where
+    ``routing_bwd_fused_ok``): dq and dK then also take combine's part (its dY
+    is the combine backward's, run before the experts), from the same
+    exponentials, but for the far patches' dK (the caller adds it)."""
     bsz, n, c = q.shape
     h, p, dh = k.shape
     dz = dz.to(z.dtype).contiguous()
@@ -552,11 +642,14 @@ def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq: bool, need_dk: bool
     dq = torch.empty(bsz, n, c, device=q.device, dtype=q.dtype) if need_dq else None
     dq_args = dict(DQ=q if dq is None else dq, stride_dqb=q.stride(0) if dq is None else dq.stride(0),
                    stride_dqn=q.stride(1) if dq is None else dq.stride(1))  # q stands in: never written without NEED_DQ
+    if combine is not None:
+        assert not legacy and routing_bwd_fused_ok(p, dh, combine[2].shape[2] // h, q.dtype)
     if not legacy and dispatch_bwd_fused_ok(p, dh, q.dtype):
-        operand = TL_TO_TORCH[dot_dtype(q.dtype)]  # K and dZ cast once here, not per tile of patches
-        args = dict(NEED_DQ=need_dq, NEED_DK=need_dk, **dq_args, **{**common, "K": k.to(operand), "DZ": dz.to(operand)})
-        meta, resident = choose(_dispatch_bwd_kernel, q.device, {**args, "DK_PART": z, "n_per_split": 64},
-                                dispatch_bwd_metas(p, dh, q.dtype))
+        operand = TL_TO_TORCH[dot_dtype(q.dtype)]  # K, dZ and Y cast once here, not per tile of patches
+        metas = dispatch_bwd_metas(p, dh, q.dtype, combine[2].shape[2] // h if combine is not None else 0)
+        args = dict(NEED_DQ=need_dq, NEED_DK=need_dk, **dq_args, **_combine_args(combine, lse, operand, z),
+                    **{**common, "K": k.to(operand), "DZ": dz.to(operand)})
+        meta, resident = choose(_dispatch_bwd_kernel, q.device, {**args, "DK_PART": z, "n_per_split": 64}, metas)
         n_splits, n_per_split = split_n(n, meta["BLOCK_N"], bsz * h, resident)
         dk_part = torch.empty(bsz, h, n_splits, p, dh, device=q.device, dtype=z.dtype) if need_dk else z
         launch(_dispatch_bwd_kernel, (n_splits, bsz * h), DK_PART=dk_part, n_per_split=n_per_split, **args, **meta)
@@ -576,3 +669,24 @@ def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq: bool, need_dk: bool
                **common, **meta)
         dk = dk_part.sum(dim=(0, 2))  # (H, P, dh)
     return dq, dk
+
+
+def _combine_args(combine, lse: torch.Tensor, operand: torch.dtype, stand_in: torch.Tensor) -> dict:
+    """The fused kernel's combine arguments: dO and out (contiguous, in q's
+    dtype), LSE_c, the far patches' dq from ``combine.combine_backward(far_of=)``,
+    per (b, h) the largest finite LSE_d g (B, H, 1) (``finite_max``), beta =
+    exp(LSE_d - g) (B, H, P), 0 for unreached slots (LSE_d = +inf), and beta Y
+    (B, H, P, do) in the dot dtype: P * D values. Without ``combine``, an input
+    stands in for each (never read)."""
+    bound = dict(RESCALE_MAX_LOG2=_launch.RESCALE_MAX_LOG2)
+    if combine is None:
+        return dict(COMBINE=False, DO=1, DOUT=stand_in, OUT=stand_in, YB=stand_in, LSE_C=stand_in, DQ_FAR=stand_in,
+                    BETA=stand_in, GMAX=stand_in, **bound)
+    dout, out, y, lse_c, dq_far = combine
+    bsz, h, p = lse.shape
+    do = y.shape[2] // h
+    gmax = finite_max(lse)
+    beta = torch.where(torch.isfinite(lse), torch.exp(lse - gmax), 0.0)  # (B, H, P)
+    beta_y = (beta[..., None] * y.view(bsz, p, h, do).transpose(1, 2)).to(operand).contiguous()  # (B, H, P, do)
+    return dict(COMBINE=True, DO=do, DOUT=dout.to(out.dtype).contiguous(), OUT=out.contiguous(), YB=beta_y,
+                LSE_C=lse_c, DQ_FAR=dq_far if dq_far is not None else stand_in, BETA=beta, GMAX=gmax, **bound)

@@ -54,11 +54,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from .kernels._launch import TL_TO_TORCH, TORCH_TO_TL, acc_dtype, dot_dtype, interpreting
+from .kernels._launch import RESCALE_MAX_LOG2, TL_TO_TORCH, TORCH_TO_TL, acc_dtype, dot_dtype, interpreting
 from .kernels._slot_dropout import slot_keep_mask_meta
 from .kernels.combine import combine_dkdy_metas, combine_dq_metas, combine_metas
-from .kernels.dispatch import (dispatch_bwd_fused_ok, dispatch_bwd_metas, dispatch_dk_metas, dispatch_dq_metas,
-                               dispatch_merge_metas, dispatch_metas)
+from .kernels.dispatch import (dispatch_bwd_fused_ok, dispatch_bwd_metas, dispatch_dk_metas,
+                               dispatch_dq_metas, dispatch_merge_metas, dispatch_metas, routing_bwd_fused_ok)
 from .kernels.experts import experts_norm_metas, experts_proj_bwd_metas, experts_proj_metas
 from .kernels.query import FUSED_MAX_C, query_metas, query_rows_metas
 from .sizes import LayerSizes
@@ -193,11 +193,14 @@ def _dispatch_bwd_dk_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool, FAST_RNG: b
 
 
 def _dispatch_bwd_fused_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool, NEED_DQ: bool, NEED_DK: bool,
-                             FAST_RNG: bool) -> dict:
-    """The fused backward: K and dZ in the dot dtype (cast by the launcher), dq in q's dtype, dK partials in ACC."""
+                             COMBINE: bool, FAST_RNG: bool) -> dict:
+    """The fused backward: K, dZ (and with COMBINE, beta Y) in the dot dtype (cast by the launcher),
+    dq in q's dtype, dK partials in ACC; combine's dO and out in q's dtype, its LSE, beta and g in ACC."""
     common = {**_dispatch_common(sz, HAS_MASK, HAS_DROP), "K": _operand(sz)}
     return dict(DZ=_operand(sz), LSE=sz.acc, DELTA=sz.acc, DQ=sz.dtype, DK_PART=sz.acc, stride_dqb=sz.n * sz.c,
-                stride_dqn=sz.c, NEED_DQ=NEED_DQ, NEED_DK=NEED_DK, FAST_RNG=FAST_RNG, **SPLIT, **common)
+                stride_dqn=sz.c, NEED_DQ=NEED_DQ, NEED_DK=NEED_DK, FAST_RNG=FAST_RNG, COMBINE=COMBINE,
+                RESCALE_MAX_LOG2=RESCALE_MAX_LOG2, DO=sz.do, DOUT=sz.dtype, OUT=sz.dtype, YB=_operand(sz),
+                LSE_C=sz.acc, BETA=sz.acc, GMAX=sz.acc, **SPLIT, **common)
 
 
 def _slot_keep_mask_args(sz: Sizes, FAST_RNG: bool) -> dict:
@@ -241,17 +244,25 @@ def _combine_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool, FOLD_LOG2E: bool, F
                 FAST_RNG=FAST_RNG, **_combine_common(sz, HAS_MASK, HAS_DROP))
 
 
-def _combine_bwd_dq_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool, NEED_DQ: bool, FAST_RNG: bool) -> dict:
-    """q, out, dO and dq (B, N, *) contiguous in the compute dtype; K, Y, LSE and delta_c in ACC."""
-    return dict(OUT=sz.dtype, DOUT=sz.dtype, LSE=sz.acc, DELTA=sz.acc, DQ=sz.dtype, stride_dqb=sz.n * sz.c,
-                stride_dqn=sz.c, NEED_DQ=NEED_DQ, FAST_RNG=FAST_RNG, **_combine_common(sz, HAS_MASK, HAS_DROP))
+def _far(FAR: bool) -> dict:
+    """The far patches of the fused routing backward: g (B, H, 1) in ACC and the bound."""
+    return dict(FAR=FAR, RESCALE_MAX_LOG2=RESCALE_MAX_LOG2)
 
 
-def _combine_bwd_dkdy_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool, NEED_DK: bool, NEED_DY: bool,
+def _combine_bwd_dq_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool, NEED_DQ: bool, FAR: bool,
+                         FAST_RNG: bool) -> dict:
+    """q, out, dO and dq (B, N, *) contiguous in the compute dtype; K, Y, LSE, delta_c and g in ACC."""
+    return dict(OUT=sz.dtype, DOUT=sz.dtype, LSE=sz.acc, DELTA=sz.acc, DQ=sz.dtype, GMAX=sz.acc,
+                stride_dqb=sz.n * sz.c, stride_dqn=sz.c, NEED_DQ=NEED_DQ, FAST_RNG=FAST_RNG, **_far(FAR),
+                **_combine_common(sz, HAS_MASK, HAS_DROP))
+
+
+def _combine_bwd_dkdy_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool, NEED_DK: bool, NEED_DY: bool, FAR: bool,
                            FAST_RNG: bool) -> dict:
     """dK and dY partials in ACC, on the split-n grid; an absent one is the LSE standing in."""
-    return dict(DOUT=sz.dtype, LSE=sz.acc, DELTA=sz.acc, DK_PART=sz.acc, DY_PART=sz.acc, NEED_DK=NEED_DK,
-                NEED_DY=NEED_DY, FAST_RNG=FAST_RNG, **SPLIT, **_combine_common(sz, HAS_MASK, HAS_DROP))
+    return dict(DOUT=sz.dtype, LSE=sz.acc, DELTA=sz.acc, DK_PART=sz.acc, DY_PART=sz.acc, GMAX=sz.acc,
+                NEED_DK=NEED_DK, NEED_DY=NEED_DY, FAST_RNG=FAST_RNG, **_far(FAR), **SPLIT,
+                **_combine_common(sz, HAS_MASK, HAS_DROP))
 
 
 @dataclass(frozen=True)
@@ -294,17 +305,20 @@ def _dispatch_two_kernels(sz, legacy, HAS_DROP: bool, FAST_RNG: bool, **_) -> bo
     return _rng(legacy, HAS_DROP, FAST_RNG) and (legacy or not dispatch_bwd_fused_ok(sz.p, sz.dh, sz.dtype))
 
 
-def _dispatch_fused(sz, legacy, HAS_DROP: bool, FAST_RNG: bool, NEED_DQ: bool, NEED_DK: bool, **_) -> bool:
+def _dispatch_fused(sz, legacy, HAS_DROP: bool, FAST_RNG: bool, NEED_DQ: bool, NEED_DK: bool, COMBINE: bool,
+                    **_) -> bool:
     return (not legacy and dispatch_bwd_fused_ok(sz.p, sz.dh, sz.dtype) and _rng(legacy, HAS_DROP, FAST_RNG)
-            and (NEED_DQ or NEED_DK))
+            and (NEED_DQ or NEED_DK) and (not COMBINE or routing_bwd_fused_ok(sz.p, sz.dh, sz.do, sz.dtype)))
 
 
-def _combine_bwd(sz, legacy, HAS_DROP: bool, FAST_RNG: bool, **_) -> bool:
-    return _rng(legacy, HAS_DROP, FAST_RNG)
+def _combine_bwd(sz, legacy, HAS_DROP: bool, FAST_RNG: bool, FAR: bool, **_) -> bool:
+    """The chain's combine backward, or (FAR) the far patches' part where the fused routing backward runs."""
+    return _rng(legacy, HAS_DROP, FAST_RNG) and (not FAR or not legacy and routing_bwd_fused_ok(sz.p, sz.dh, sz.do,
+                                                                                                  sz.dtype))
 
 
-def _combine_dkdy(sz, legacy, NEED_DK: bool, NEED_DY: bool, **flags) -> bool:
-    return (NEED_DK or NEED_DY) and _combine_bwd(sz, legacy, **flags)
+def _combine_dkdy(sz, legacy, NEED_DK: bool, NEED_DY: bool, FAR: bool, **flags) -> bool:
+    return (NEED_DK or NEED_DY) and not (FAR and NEED_DY) and _combine_bwd(sz, legacy, FAR=FAR, **flags)
 
 
 MASK_DROP = {"HAS_MASK": (False, True), "HAS_DROP": (False, True)}
@@ -338,8 +352,10 @@ KERNELS = (
            _routing_fwd, PLANS),
     Kernel("dispatch", "_dispatch_merge_kernel", _dispatch_merge_args, _slots(dispatch_merge_metas, True),
            plans=PLANS),
-    Kernel("dispatch", "_dispatch_bwd_kernel", _dispatch_bwd_fused_args, _slots(dispatch_bwd_metas),
-           {**MASK_DROP, "NEED_DQ": (True, False), "NEED_DK": (True, False), **RNG}, _dispatch_fused, PLANS),
+    Kernel("dispatch", "_dispatch_bwd_kernel", _dispatch_bwd_fused_args,
+           lambda sz, legacy: dispatch_bwd_metas(sz.p, sz.dh, sz.dtype, sz.do),
+           {**MASK_DROP, "NEED_DQ": (True, False), "NEED_DK": (True, False), "COMBINE": (True, False), **RNG},
+           _dispatch_fused, PLANS),
     Kernel("dispatch", "_dispatch_bwd_dq_kernel", _dispatch_bwd_dq_args, _slots(dispatch_dq_metas),
            {**MASK_DROP, **RNG}, _dispatch_two_kernels, PLANS),
     Kernel("dispatch", "_dispatch_bwd_dk_kernel", _dispatch_bwd_dk_args, _slots(dispatch_dk_metas, True),
@@ -357,9 +373,10 @@ KERNELS = (
     Kernel("combine", "_combine_fwd_kernel", _combine_args, _heads(combine_metas, True), ROUTING_FWD, _routing_fwd,
            PLANS),
     Kernel("combine", "_combine_bwd_dq_kernel", _combine_bwd_dq_args, _heads(combine_dq_metas),
-           {**MASK_DROP, "NEED_DQ": (True, False), **RNG}, _combine_bwd, PLANS),
+           {**MASK_DROP, "NEED_DQ": (True, False), "FAR": (True, False), **RNG}, _combine_bwd, PLANS),
     Kernel("combine", "_combine_bwd_dkdy_kernel", _combine_bwd_dkdy_args, _heads(combine_dkdy_metas),
-           {**MASK_DROP, "NEED_DK": (True, False), "NEED_DY": (True, False), **RNG}, _combine_dkdy, PLANS),
+           {**MASK_DROP, "NEED_DK": (True, False), "NEED_DY": (True, False), "FAR": (True, False), **RNG},
+           _combine_dkdy, PLANS),
 )
 
 

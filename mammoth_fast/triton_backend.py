@@ -30,7 +30,8 @@ from .dtypes import compute_dtype
 from .kernels import _launch
 from .kernels._ops import combine_forward, dispatch_forward, experts_forward, query_forward
 from .kernels._slot_dropout import slot_keep_mask
-from .kernels.autograd import CombineFunction, DispatchFunction, ExpertsFunction, QueryFunction
+from .kernels.autograd import CombineFunction, DispatchFunction, ExpertsFunction, QueryFunction, RoutingFunction
+from .kernels.dispatch import routing_bwd_fused_ok
 
 SEED_RANGE = 2**31 - 1
 
@@ -69,14 +70,29 @@ def forward(layer, feats: Tensor, mask: Optional[Tensor], return_weights: bool):
     q = q.view(bsz, n, -1)  # (B, N, C)
     k = reference.slot_keys(p, acc).contiguous()  # (H, P, dh): P * dh values, plain PyTorch
     lora = (p.shared_weight, p.shared_bias, p.expert_weights, p.expert_bias, p.expert_gamma)
+    dropout = layer.expert_heads.dropout.p if layer.training else 0.0
+    if grad and not layer.keep_slots and not legacy and routing_bwd_fused_ok(k.shape[1], k.shape[2],
+                                                                             layer.dim // k.shape[0], dtype):
+        # one Function for dispatch, experts and combine: its backward fuses their routing gradients
+        out, lse_d = RoutingFunction.apply(q, k, mask, drop, dtype, dropout, *lora)
+    else:
+        out, lse_d = _chain(layer, q, k, mask, drop, lora, dropout, dtype, grad, legacy)
+    if not return_weights:
+        return out
+    return out, dispatch_weights(q, k, lse_d, mask, drop, layer.num_experts, dtype, legacy)
+
+
+def _chain(layer, q: Tensor, k: Tensor, mask: Optional[Tensor], drop, lora, dropout: float, dtype: torch.dtype,
+           grad: bool, legacy: bool):
+    """Dispatch, experts, Y's dropout and (keep_slots=False) combine, one
+    Function each under autograd: -> out, LSE_d."""
     if grad:
         z, lse_d = DispatchFunction.apply(q, k, mask, drop, legacy)  # (B, H, P, dh), (B, H, P)
         y = ExpertsFunction.apply(z, *lora)  # (B, P, D)
     else:
         z, lse_d = dispatch_forward(q, k, mask, drop, legacy)
         y = experts_forward(z, *lora)[0]
-    dropout = layer.expert_heads.dropout.p
-    if layer.training and dropout > 0:  # (B, P, D): small, plain PyTorch
+    if dropout > 0:  # (B, P, D): small, plain PyTorch
         y = y * (torch.rand_like(y) >= dropout) / (1.0 - dropout)
     if layer.keep_slots:
         out = y.to(dtype)
@@ -84,9 +100,7 @@ def forward(layer, feats: Tensor, mask: Optional[Tensor], return_weights: bool):
         out = CombineFunction.apply(q, k, y, mask, drop, dtype, legacy)
     else:
         out, _ = combine_forward(q, k, y, mask, dtype, drop, legacy)
-    if not return_weights:
-        return out
-    return out, dispatch_weights(q, k, lse_d, mask, drop, layer.num_experts, dtype, legacy)
+    return out, lse_d
 
 
 def dispatch_weights(q: Tensor, k: Tensor, lse: Tensor, mask: Optional[Tensor], drop, num_experts: int,

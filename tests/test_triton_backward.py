@@ -3,6 +3,8 @@ their own, then gradients of the whole layer (input and every parameter)
 against autograd of the float64 reference (SPEC sections 3, 8 and 10).
 On CPU the kernels run under TRITON_INTERPRET=1; with a CUDA GPU the same
 tests run natively. (Query and experts backward: their own test files.)"""
+import copy
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from conftest import DEVICE, LargestTensor, make_layer, rel_err
 from gradients import (FP32_GRAD_TOL, FP32_OUT_TOL, assert_close, grad_err, layer_grads, random_batch,
                        random_mask, reference_grads)
 from mammoth_fast import Mammoth, reference, triton_backend
+from mammoth_fast.kernels import _launch as launch_mod
 from mammoth_fast.kernels import combine as combine_mod
 from mammoth_fast.kernels import dispatch as dispatch_mod
 from mammoth_fast.kernels import experts as experts_mod
@@ -107,7 +110,7 @@ def test_combine_backward_float64(shape, masked, drop, legacy):
 def test_combine_computes_only_needed_grads(wanted, monkeypatch):
     calls = []
     real = combine_mod.combine_backward
-    monkeypatch.setattr(combine_mod, "combine_backward", lambda *a: calls.append(a[-4:-1]) or real(*a))
+    monkeypatch.setattr(combine_mod, "combine_backward", lambda *a: calls.append(a[-5:-2]) or real(*a))
     q, k, y = routing_inputs(1, 40, 2, 9, 4, 3, seed=3)
     ins = [t.to(DEVICE).requires_grad_(name == wanted) for name, t in zip("qky", (q, k, y))]
     out = combine(*ins)
@@ -216,6 +219,80 @@ def test_peaked_logits_stay_finite(keep_slots):
     logits = reference.forward(x, ref.params(), return_intermediates=True)[1]["L"]
     assert logits.abs().max() > 200
     assert_close(got, reference_grads(ref, x, dout))
+
+
+# ------------------------------------------------------------------ the fused routing backward (keep_slots=False)
+# Its combine weights come from the dispatch weights by a rank-one rescale for the patches
+# within _launch.RESCALE_MAX_LOG2, from combine's own kernels for the far ones: every
+# patch far, the bound, every patch near, against the float64 reference
+RESCALE_PATHS = {"all-far": float("-inf"), "bound": launch_mod.RESCALE_MAX_LOG2, "all-near": float("inf")}
+
+
+@pytest.mark.parametrize("path", list(RESCALE_PATHS))
+@pytest.mark.parametrize("size, masked, drop", [("odd", False, 0.0), ("odd", True, 0.3), ("small", True, 0.9),
+                                                ("one_slot_one_head", True, 0.3)])
+def test_fused_routing_backward_float64(monkeypatch, path, size, masked, drop):
+    monkeypatch.setattr(launch_mod, "RESCALE_MAX_LOG2", RESCALE_PATHS[path])
+    monkeypatch.setattr(triton_backend, "draw_slot_seed", lambda device: torch.tensor([SEED], device=device))
+    ref = make_layer(size, seed=40, keep_slots=False, dropout=0.0, slot_dropout=drop).train()
+    layer = make_layer(size, seed=40, keep_slots=False, dropout=0.0, slot_dropout=drop).train().to(DEVICE)
+    layer.backend = "triton"
+    x, dout = random_batch(ref, 2, 70, seed=41)
+    mask = random_mask(2, 70, seed=42) if masked else None
+    calls = []
+    spy(monkeypatch, dispatch_mod, "dispatch_backward", calls)
+    got = layer_grads(layer, x, dout, mask)
+    assert calls == [("dispatch_backward", (True, True, False))]  # dq, dK, the default plan: one fused call
+    p_total = ref.num_experts * ref.num_slots
+    slot_keep = None if not drop else slot_keep_mask(SEED, drop, 2, 70, ref.num_heads, p_total, DEVICE,
+                                                     fast_rng=True).cpu()
+    want = reference_grads(ref, x, dout, mask, slot_keep)
+    assert_close(got, want, out_tol=1e-12, grad_tol=1e-10)
+
+
+def test_fused_routing_backward_needs_its_bound(monkeypatch):
+    # logits of thousands: in float64 a dispatch weight below exp(-745) flushes to 0 and
+    # can stand for a combine weight near 1, so the rank-one rescale alone gets the
+    # gradients wrong; with the bound those patches take their own exponentials
+    ref = make_layer("small", seed=13, keep_slots=False)
+    with torch.no_grad():
+        ref.norm.gamma.uniform_(28.0, 32.0)
+        ref.slot_norm.gamma.uniform_(28.0, 32.0)
+    layer = copy.deepcopy(ref).to(DEVICE)
+    layer.backend = "triton"
+    x, dout = random_batch(ref, 2, 50, seed=14)
+    logits = reference.forward(x, ref.params(), return_intermediates=True)[1]["L"]
+    assert logits.amax() - logits.amax(-1).amin() > 800  # a patch's best logit far below a slot's
+    want = reference_grads(ref, x, dout)
+    assert_close(layer_grads(layer, x, dout), want, out_tol=1e-12, grad_tol=1e-8)
+    monkeypatch.setattr(launch_mod, "RESCALE_MAX_LOG2", float("inf"))
+    wrong = layer_grads(layer, x, dout)[1]
+    assert not all(grad_err(wrong[name].cpu(), want[1][name]) <= 1e-3 for name in ("x", "wq.weight"))
+
+
+@pytest.mark.parametrize("dtype, legacy", [(torch.float64, False), (torch.float64, True), (torch.float32, False)],
+                         ids=["fp64-plan", "fp64-legacy-plan", "fp32-plan"])
+def test_keep_slots_false_backward_launches(monkeypatch, dtype, legacy):
+    # the default plan in bf16 and fp64 (routing_bwd_fused_ok): combine's backward for dY,
+    # then for the far patches only, and one fused dispatch backward with combine's part;
+    # the legacy plan, and fp32 (its FMA dots spill with combine's part): each stage's whole
+    fused = dispatch_mod.routing_bwd_fused_ok(12, 4, 12, dtype) and not legacy  # "small": P 12, dh 4, do 12
+    assert fused == (dtype == torch.float64 and not legacy)
+    calls = []
+    for module, name in ((dispatch_mod, "dispatch_backward"), (combine_mod, "combine_backward")):
+        spy(monkeypatch, module, name, calls)
+    ref = make_layer("small", seed=43, keep_slots=False)
+    layer = copy.deepcopy(ref).to(DEVICE, dtype)
+    layer.backend = "triton"
+    x, dout = random_batch(ref, 1, 30, seed=44)
+    with legacy_kernels(legacy):
+        got = layer_grads(layer, x, dout)
+    assert sorted(calls) == ([("combine_backward", (False, False, True, False)),  # dY
+                              ("combine_backward", (True, True, False, False)),  # the far patches' dq, dK
+                              ("dispatch_backward", (True, True, False))] if fused else
+                             [("combine_backward", (True, True, True, legacy)), ("dispatch_backward", (True, True, legacy))])
+    tol = dict(out_tol=1e-12, grad_tol=1e-10) if dtype == torch.float64 else {}
+    assert_close(got, reference_grads(ref, x, dout), **tol)
 
 
 def test_masked_batch_equals_unpadded_bags_alone():
