@@ -257,6 +257,15 @@ def mammoth_kernels(n: int, dtype: torch.dtype, keep_slots: bool, sz: Sizes = RE
         eprog * (2 * e_tile + 2 * em["BLOCK_S"] * e_dh * e_r), 0,
         note="the four backward products and u recomputed; dv written and read back"))
 
+    if routing_fused:  # combine's dq and dK kernels for the far patches: with none, each program reads LSE_c
+        far_dk = combine_dkdy_meta(p, dh, do, dtype)
+        far_splits = split_n(n, far_dk["BLOCK_N"], -(-p // far_dk["BLOCK_P"]) * far_dk["NUM_V"] * b * h,
+                             RESIDENT_PER_SM * m.sm_count)[0]
+        out.append(KernelCost(
+            "combine bwd far patches", "bwd", "triton", "none", 0, 0,
+            nh * (1 + -(-p // far_dk["BLOCK_P"])) + b * h * f + b * h * far_splits * p * dh * f, 0, 0,
+            note="combine's dq and dK kernels for the patches beyond the rescale's bound; with none (as "
+                 "counted here) each program reads the LSE_c of its patches, and the dK partials are zeroed"))
     if dispatch_fused:
         db = dispatch_bwd_meta(p, dh, dtype, do if routing_fused else 0)
         dbp, dbn = _pad(p, db["BLOCK_P"]), _pad(n, db["BLOCK_N"])
@@ -308,9 +317,10 @@ def mammoth_kernels(n: int, dtype: torch.dtype, keep_slots: bool, sz: Sizes = RE
     # small torch ops of the backward: delta_d, partial sums (dK, dY, expert params, dgamma, db), casts
     small_bwd = (2 * z_bytes + lse_d + b * h * d_splits * p * dh * f + eparts + 2 * ngrid * c * f
                  + (c * din * (s + 4) if s < 4 else 0) + (y_bytes + b * p * d * s if keep_slots and s < 4 else 0))
-    if not keep_slots:  # the combine partials' sums, dY's dropout, and (fused) Y's cast, g and beta
+    if not keep_slots:  # the combine partials' sums, dY's dropout, and (fused) beta Y, g, beta, dK's far sum
         small_bwd += (b * h * c_splits * p * (do if routing_fused else dh + do) * f + 2 * y_bytes
-                      + (y_bytes + b * p * d * s + 3 * lse_d if routing_fused else 0))
+                      + (y_bytes + b * p * d * s + 3 * lse_d + b * h * far_splits * p * dh * f
+                         if routing_fused else 0))
     out.append(KernelCost("small torch ops (bwd)", "bwd", "torch", "none", 0, 0, small_bwd, 0, 0,
                           note="delta_d, sums of partials, casts"))
     return out
@@ -438,9 +448,9 @@ def document(n: int = 100_000, sz: Sizes = RECOMMENDED, m: Machine = H100) -> st
     fused = kbt["dispatch bwd (fused)"]
     legacy_disp = _by_name(mammoth_kernels(n, bf, True, sz, m, legacy=True))["dispatch fwd partial"]
     cm = combine_meta(sz.p, sz.dh, sz.do, bf)
-    exp_kernels = [k for k in kb.values() if k.exps and k.bound(m) == "exp"]
+    routing = kb["routing bwd (fused)"]
     exp_share_t = sum(k.floor(m) for k in kbt.values() if k.exps and k.bound(m) == "exp") / tb_t["mammoth_train"]
-    exp_share_f = sum(k.floor(m) for k in exp_kernels) / tb_f["mammoth_train"]
+    exp_share_f = sum(k.floor(m) for k in kb.values() if k.exps and k.bound(m) == "exp") / tb_f["mammoth_train"]
     fdisp = kf["dispatch fwd partial"]
     lin = lb["linear fwd GEMM"]
     return f"""# Roofline of the triton backend (H100 SXM)
@@ -486,14 +496,18 @@ GEMM and nn.Linear's dx GEMM are left out of both sides.
   {disp.flops / disp.exps:.0f} FLOPs per exponential, where {m.tensor_flops / m.sfu_per_s:.0f} would balance the two) and {_us(dt['memory'])} µs
   of memory traffic (q read once, with K and the partials: {disp.bytes / 1e6:.1f} MB). The forward pays this once and
   the fused dispatch backward once more (dq and dK from one pass; the legacy plan's two backward kernels paid it
-  twice), and keep_slots=False adds three more passes (combine forward, and its backward's dq and dK/dY kernels):
+  twice). keep_slots=False adds two more passes: the combine forward, and combine's dY kernel in the backward;
+  combine's dq and dK come from the fused backward's exponentials (the legacy plan: four backward passes, and a
+  sum of two dq), whose combine weights are its dispatch weights rescaled by exp(LSE_d - g) exp(g - LSE_c) and
+  whose dO . Y products add {_us(routing.times(m)['matmul'] - fused.times(m)['matmul'])} µs of tensor-core work: it is
+  matmul-bound in this model ({_us(routing.floor(m))} µs). Exp-bound kernels:
   {100 * exp_share_t:.0f} % of the bf16 training floor with keep_slots=True, {100 * exp_share_f:.0f} % with keep_slots=False.
 - **Padding costs exponentials.** The dispatch forward, its fused backward and the combine forward use
   {dm['BLOCK_P']}-slot tiles (``slot_block``: at most about 7 % padding), {_pad(sz.p, dm['BLOCK_P'])} slots computed for
   {sz.p}: tile floor {_us(disp.floor(m, tile=True))} µs against {_us(disp.floor(m))} µs for the dispatch forward and
   {_us(fused.floor(m, tile=True))} µs for the fused backward. The legacy plan's bf16 dispatch forward and dK used
   {dm_legacy['BLOCK_P']}-slot tiles ({_pad(sz.p, dm_legacy['BLOCK_P'])} slots; tile floor
-  {_us(legacy_disp.floor(m, tile=True))} µs). The combine backward's kernels use {cm['BLOCK_P']}-slot tiles.
+  {_us(legacy_disp.floor(m, tile=True))} µs). Combine's dY kernel uses {cm['BLOCK_P']}-slot tiles.
 - **query is memory-bound** in bf16 (the ridge is {m.tensor_flops / m.bytes_per_s:.0f} FLOP/byte): it reads feats
   ({n * sz.din * 2 / 1e6:.1f} MB) and writes q and y: {q.bytes / 1e6:.1f} MB, floor {_us(q.floor(m))} µs. Its backward
   (norm backward with db's partials, dW GEMM) costs {_us(kbt['query norm bwd'].floor(m) + kbt['query dW GEMM'].floor(m))} µs.

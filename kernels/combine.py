@@ -22,7 +22,12 @@ The dq kernel also computes delta_c from the saved output and stores it
 dO counts as 0: their output is the constant 0. (A fused backward computing
 dq, dK and dY from one exponential pass, as dispatch's, holds dK and dY of
 all P slots, P x (dh + do) accumulators: at the recommended sizes it spilled
-on sm_90a at every tile size and warp count tried, so combine keeps two.)
+on sm_90a at every tile size and warp count tried.) Where the fused routing
+backward runs (keep_slots=False in bf16, ``dispatch.routing_bwd_fused_ok``),
+combine's dq and dK come from dispatch's backward kernel instead, and these
+kernels give dY alone, and (``far_of``) the dq and dK of the far patches the
+rescale of that kernel cannot reach (``_far_rows``; with realistic logits
+none, and their programs only read the LSE).
 The forward's weights are exp2 of one FMA per logit (``_tiles.exp_minus``)
 outside the legacy plan.
 

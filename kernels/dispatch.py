@@ -32,6 +32,14 @@ elsewhere, and in the legacy plan (``_launch.legacy_kernels``), a dq kernel per
 patch tile (all P slots streamed) and a dK kernel per slot tile and n-chunk,
 each recomputing the weights. The dK partials are summed by torch:
 deterministic.
+
+With keep_slots=False the same logits carry combine's softmax over p, and
+the fused kernel also gives combine's dq and dK (COMBINE; bf16 and fp64,
+``routing_bwd_fused_ok``): Cw = Dw exp(LSE_d - g) exp(g - LSE_c) (g the
+head's largest LSE_d), one exponential per logit for both softmaxes, and
+combine's dO . Y products accumulate into the tile of dispatch's dZ . q. The
+patches whose combine weights lie beyond that rescale's reach
+(``_launch.RESCALE_MAX_LOG2``) take combine's own kernels.
 """
 from __future__ import annotations
 

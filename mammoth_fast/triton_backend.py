@@ -5,6 +5,10 @@
 
 each stage a ``torch.autograd.Function`` with its backward kernels when
 autograd must differentiate the call, the bare forward launchers otherwise.
+With keep_slots=False in the default kernel plan (bf16 and fp64,
+``kernels.dispatch.routing_bwd_fused_ok``), dispatch, experts, Y's dropout and
+combine are one Function (``RoutingFunction``), whose backward computes the
+dq and dK of dispatch and combine in one kernel.
 Only tensors of O(N * (Din + C + D) + P * D) values are made or saved (for
 backward: the query's input and pre-norm rows, q, and under keep_slots=False
 the output); the one N x H x P tensor is the dispatch weights, built when
@@ -13,7 +17,8 @@ Functions are once-differentiable and say so when asked for it.
 
 The slot keys K = slot_norm(slot_embeds) (H * P * dh values) and the dropout
 on Y (B * P * D values) are plain PyTorch: small, and differentiated by
-autograd. Slot dropout draws one seed per forward, a (1,) int64 tensor on the
+autograd (inside ``RoutingFunction``, Y's dropout mask is drawn the same way
+and applied by hand). Slot dropout draws one seed per forward, a (1,) int64 tensor on the
 device, and the kernels regenerate the keep-mask from it
 (``kernels/_slot_dropout.py``): no host sync, no graph break under
 torch.compile, and a captured CUDA graph draws a new mask on every replay.

@@ -132,18 +132,40 @@ def test_roofline_counts_the_kernel_plan_that_runs():
         assert t_new["mammoth_train_tile"] < t_old["mammoth_train_tile"] and t_new["linear_train"] == t_old["linear_train"]
 
 
+def test_roofline_counts_the_fused_routing_backward():
+    """keep_slots=False in bf16, default plan: the training step's backward evaluates the
+    logits' exponentials twice (combine's dY kernel, the fused routing backward; the
+    legacy plan: four times), no dq sum; the issue-19 targets hold on the tile floors."""
+    n, logits = 100_000, 100_000 * 16 * 300
+
+    def bwd(legacy):
+        ks = {k.name: k for k in roofline.mammoth_kernels(n, torch.bfloat16, False, legacy=legacy) if k.stage == "bwd"}
+        return ks, sum(k.exps for k in ks.values())
+
+    (new, new_exps), (old, old_exps) = bwd(False), bwd(True)
+    assert {"combine bwd dY", "routing bwd (fused)", "combine bwd far patches"} <= set(new)
+    assert not {"autograd dq add", "dispatch bwd (fused)", "combine bwd dK/dY"} & set(new)
+    assert new_exps == 2 * logits + n * 16 and old_exps == 4 * logits  # + alpha per patch and head
+    assert new["combine bwd far patches"].exps == new["combine bwd far patches"].flops == 0
+    for keep_slots, target in ((True, 1.8), (False, 2.9)):
+        t = roofline.totals(n, torch.bfloat16, keep_slots)
+        assert t["mammoth_train_tile"] / t["linear_train"] <= target, keep_slots
+
+
 def test_launcher_cases_run_and_map_to_roofline_kernels():
     """Every launcher case runs (under the Triton interpreter without a GPU) and
     names kernels the roofline knows."""
     sz = roofline.Sizes(din=64, d=48, c=16, h=4, e=3, s=4)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    for legacy in (False, True):
-        cases = build_cases(50, torch.float32, device, sz, legacy=legacy)
+    # bf16 in the default plan: keep_slots=False's fused routing backward and combine's dY and far-patch kernels
+    for dtype, legacy in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False)):
+        cases = build_cases(50, dtype, device, sz, legacy=legacy)
         assert tuple(cases) == CASE_NAMES
-        kernels = roofline.mammoth_kernels(50, torch.float32, False, sz, legacy=legacy)
+        kernels = roofline.mammoth_kernels(50, dtype, False, sz, legacy=legacy)
         for c in cases.values():
             c.fn()
             assert roofline.launcher_floor(kernels, c.kernels) > 0
+        assert ("routing bwd (fused)" in cases["dispatch_bwd"].kernels) == (dtype == torch.bfloat16)
 
 
 def test_gpu_check_dry_run_prints_the_plan_on_cpu():

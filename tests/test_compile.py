@@ -193,14 +193,24 @@ def op_samples():
     for mask, drop, legacy in ((None, (None, 0.0), False), (m, (torch.tensor([1234], device=DEVICE), 0.3), True)):
         z, lse = _ops.dispatch_fwd(q, k, mask, *drop, legacy)
         yield "dispatch_fwd", (q, k, mask, *drop, legacy)
-        yield "dispatch_bwd", (torch.randn_like(z), q, k, z, lse, mask, *drop, True, True, legacy)
+        yield "dispatch_bwd", (torch.randn_like(z), q, k, z, lse, mask, *drop, True, True, legacy, *(None,) * 5)
         if y is None:  # the experts ops take no mask nor slot dropout: one sample each
             y, inv, v = _ops.experts_fwd(z, *lora)
             yield "experts_fwd", (z, *lora)
             yield "experts_bwd", (torch.randn_like(y), z, *lora, v, inv, True, True)
         out, lse_c = _ops.combine_fwd(q, k, y, mask, torch.float32, *drop, legacy)
         yield "combine_fwd", (q, k, y, mask, torch.float32, *drop, legacy)
-        yield "combine_bwd", (torch.randn_like(out), q, k, y, out, lse_c, mask, *drop, True, True, False, legacy)
+        yield "combine_bwd", (torch.randn_like(out), q, k, y, out, lse_c, mask, *drop, True, True, False, legacy, None)
+    # keep_slots=False in the default plan: the far patches' combine backward, then the fused routing
+    # backward (fp64 here, bf16 on a GPU; routing_bwd_fused_ok)
+    q64, k64, lora64 = q.double(), k.double(), [t.double() for t in lora]
+    z64, lse64 = _ops.dispatch_fwd(q64, k64, m, None, 0.0, False)
+    y64 = _ops.experts_fwd(z64, *lora64)[0]
+    out64, lse_c64 = _ops.combine_fwd(q64, k64, y64, m, torch.float64, None, 0.0, False)
+    far = (torch.randn_like(out64), q64, k64, y64, out64, lse_c64, m, None, 0.0, True, True, False, False, lse64)
+    yield "combine_bwd", far
+    yield "dispatch_bwd", (torch.randn_like(z64), q64, k64, z64, lse64, m, None, 0.0, True, True, False,
+                           far[0], out64, y64, lse_c64, _ops.combine_bwd(*far)[0])
 
 
 def test_opcheck_every_op():
