@@ -361,8 +361,9 @@ def _combine_rows(DOUT, OUT, LSE_C, gmax, MASK, b, offs_n, n_end, h, N, H, DO: t
     dout = load_tile(DOUT + o_base, offs_n, H * DO, offs_o, keep, o_ok).to(ACC)  # (BLOCK_N, BLOCK_O)
     delta_c = tl.sum(dout * load_tile(OUT + o_base, offs_n, H * DO, offs_o, keep, o_ok).to(ACC), axis=1)
     lse_c = tl.load(LSE_C + (b * N + offs_n) * H + h, mask=offs_n < n_end, other=float("inf"))
-    near = keep & ((gmax - lse_c) * LOG2E <= RESCALE_MAX_LOG2)  # LSE_c = +inf: -inf <= bound, alpha 0
-    alpha = tl.where(near, tl.exp2((gmax - lse_c) * LOG2E), 0.0)
+    gap = (gmax - lse_c) * LOG2E  # LSE_c = +inf: -inf, alpha 0
+    near = keep & (gap <= RESCALE_MAX_LOG2)
+    alpha = tl.where(near, tl.exp2(tl.minimum(gap, RESCALE_MAX_LOG2)), 0.0)  # no inf computed for far patches
     return (dout * alpha[:, None]).to(DOT_DTYPE), alpha * delta_c, keep & ~near
 
 
