@@ -28,6 +28,7 @@ class LauncherCase:
     name: str
     fn: Callable[[], object]
     kernels: Tuple[str, ...]  # names in benchmarks.roofline.mammoth_kernels(..., keep_slots=False, legacy=...)
+    note: str = ""
 
 
 CASE_NAMES = ("query_fwd", "query_fwd_train", "dispatch_fwd", "experts_fwd", "combine_fwd",
@@ -39,7 +40,7 @@ def build_cases(n: int, dtype: torch.dtype, device, sz: Sizes = RECOMMENDED, see
     """The launchers of the kernel plan ``legacy`` or not (``_launch.legacy_kernels``)."""
     from mammoth_fast import Mammoth, reference
     from mammoth_fast.kernels._launch import acc_dtype
-    from mammoth_fast.kernels.dispatch import dispatch_bwd_fused_ok, routing_bwd_fused_ok
+    from mammoth_fast.kernels.dispatch import dispatch_bwd_fused_ok, routing_bwd_fused_ok, routing_bwd_spill_free
     from mammoth_fast.kernels._ops import (combine_backward, combine_forward, dispatch_backward, dispatch_forward,
                                            experts_backward, experts_forward, query_forward, query_norm_backward)
 
@@ -67,8 +68,10 @@ def build_cases(n: int, dtype: torch.dtype, device, sz: Sizes = RECOMMENDED, see
         dout = torch.randn_like(out)
         # keep_slots=False in the default plan (bf16): the fused routing backward takes combine's dq and dK
         routing = not legacy and routing_bwd_fused_ok(sz.p, sz.dh, sz.do, dtype)
-        if routing:
-            dq_far = combine_backward(dout, q3, k, y, out, lse_c, None, None, True, True, False, False, lse_d)[0]
+        note = ""
+        if routing and not routing_bwd_spill_free(q3, k, y, dtype):
+            note = ("the fused routing backward spills on this triton: its launcher runs combine's dq and dK "
+                    "kernels and the dispatch backward instead (timed here against the fused kernel's floor)")
 
     def query_bwd():  # QueryFunction.backward without dx: the features need no gradient in MIL training
         dy_pre, dgamma, db = query_norm_backward(dq_in, y_pre, mean, rstd, prm.norm_gamma, prm.use_layernorm, True,
@@ -77,12 +80,9 @@ def build_cases(n: int, dtype: torch.dtype, device, sz: Sizes = RECOMMENDED, see
         db = db.to(prm.wq_bias.dtype)
         return dw, db, dgamma
 
-    def routing_bwd():  # keep_slots=False, default plan: dispatch's and combine's dq and dK in one kernel
-        return dispatch_backward(dz, q3, k, z, lse_d, None, None, True, True, False, (dout, out, y, lse_c, dq_far))
-
-    def combine_dy_and_far():  # ... and combine's backward: dY, then the far patches (none here: reads only)
-        dy = combine_backward(dout, q3, k, y, out, lse_c, None, None, False, False, True, False)[2]
-        return dy, combine_backward(dout, q3, k, y, out, lse_c, None, None, True, True, False, False, lse_d)
+    def routing_bwd():  # keep_slots=False, default plan: dispatch's and combine's dq and dK in one kernel,
+        # after combine's kernels for the far patches (none here: they only read LSE_c)
+        return dispatch_backward(dz, q3, k, z, lse_d, None, None, True, True, False, (dout, out, y, lse_c))
 
     cases = [
         ("query_fwd", lambda: query_forward(*qargs), ("query fwd",)),
@@ -94,13 +94,12 @@ def build_cases(n: int, dtype: torch.dtype, device, sz: Sizes = RECOMMENDED, see
         ("query_bwd", query_bwd, ("query norm bwd", "query dW GEMM")),
         ("dispatch_bwd", routing_bwd if routing else
          lambda: dispatch_backward(dz, q3, k, z, lse_d, None, None, True, True, legacy),
-         ("routing bwd (fused)",) if routing else ("dispatch bwd (fused)",)
+         ("combine bwd far patches", "routing bwd (fused)") if routing else ("dispatch bwd (fused)",)
          if not legacy and dispatch_bwd_fused_ok(sz.p, sz.dh, dtype) else ("dispatch bwd dq", "dispatch bwd dK")),
         ("experts_bwd", lambda: experts_backward(dy, z, *lora, v, inv_norm, True, True), ("experts bwd",)),
-        ("combine_bwd", combine_dy_and_far if routing else
-         lambda: combine_backward(dout, q3, k, y, out, lse_c, None, None, True, True, True, legacy),
-         ("combine bwd dY", "combine bwd far patches") if routing else
-         ("combine bwd dq (+delta_c)", "combine bwd dK/dY")),
+        ("combine_bwd", lambda: combine_backward(dout, q3, k, y, out, lse_c, None, None, not routing, not routing,
+                                                 True, legacy),
+         ("combine bwd dY",) if routing else ("combine bwd dq (+delta_c)", "combine bwd dK/dY")),
     ]
     assert tuple(c[0] for c in cases) == CASE_NAMES
 
@@ -110,4 +109,5 @@ def build_cases(n: int, dtype: torch.dtype, device, sz: Sizes = RECOMMENDED, see
                 return fn()
         return run
 
-    return {name: LauncherCase(name, no_grad(fn), kernels) for name, fn, kernels in cases}
+    return {name: LauncherCase(name, no_grad(fn), kernels, note if name == "dispatch_bwd" else "")
+            for name, fn, kernels in cases}

@@ -677,7 +677,8 @@ def kernel_timings(args, device: torch.device) -> List[dict]:
                                                            rep=int(args.rep_ms), return_mode="median")
                         out.append(dict(dtype=dname, n=n, plan=plan, launcher=c.name, kernels=list(c.kernels),
                                         status="ok", time_us=us, floor_us=floor * 1e6,
-                                        time_over_floor=us / (floor * 1e6), machine=machine.name))
+                                        time_over_floor=us / (floor * 1e6), machine=machine.name,
+                                        **({"note": c.note} if c.note else {})))
                     except Exception as exc:  # noqa: BLE001
                         out.append(dict(dtype=dname, n=n, plan=plan, launcher=c.name, status="error",
                                         floor_us=floor * 1e6, note=f"{type(exc).__name__}: {exc}"))
@@ -694,7 +695,8 @@ def format_kernels(krows: List[dict]) -> str:
     for r in krows:
         plan = r.get("plan", "default")
         if r["status"] == "ok":
-            lines.append(f"| {r['dtype']} | {r['n']:,} | {plan} | {r['launcher']} | {r['time_us']:.1f} "
+            launcher = r["launcher"] + (f" ({r['note']})" if r.get("note") else "")
+            lines.append(f"| {r['dtype']} | {r['n']:,} | {plan} | {launcher} | {r['time_us']:.1f} "
                          f"| {r['floor_us']:.1f} | {r['time_over_floor']:.2f}x |")
         else:
             lines.append(f"| {r['dtype']} | {r['n']:,} | {plan} | {r['launcher']} | {r['status']}: {r['note']} | | |")

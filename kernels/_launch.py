@@ -363,6 +363,19 @@ def choose(kernel, device: torch.device, args: dict, metas: Ladder) -> tuple:
     if device.type != "cuda" or not torch.cuda.is_available():
         sms = sm_count(device) if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
         return metas[0], sms
+    return _chosen(kernel, device, args, metas)[:2]
+
+
+def spill_free(kernel, device: torch.device, args: dict, metas: Ladder) -> bool:
+    """Whether ``choose`` finds a candidate of ``kernel`` that spills no register
+    on ``device`` (compiling them as it does); True without a real GPU."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return True
+    return _chosen(kernel, device, args, metas)[2] == 0
+
+
+def _chosen(kernel, device: torch.device, args: dict, metas: Ladder) -> tuple:
+    """(meta, resident, spills) of ``choose`` on a GPU, compiled once per kernel variant and device."""
     # the kernel variant: its constexprs and pointer dtypes (not the runtime ints, which follow the shapes)
     constexprs = _CONSTEXPRS.get(kernel)
     if constexprs is None:
@@ -386,7 +399,7 @@ def choose(kernel, device: torch.device, args: dict, metas: Ladder) -> tuple:
                     break
         meta, compiled = best
         per_sm = _occupancy(compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps, props)
-        found = _CHOSEN[key] = (meta, per_sm * props.multi_processor_count)
+        found = _CHOSEN[key] = (meta, per_sm * props.multi_processor_count, compiled.n_spills)
     return found
 
 

@@ -157,27 +157,26 @@ def dispatch_forward(q, k, mask, drop=None, legacy=False):
 def _dispatch_bwd(dz: Tensor, q: Tensor, k: Tensor, z: Tensor, lse: Tensor, mask: Optional[Tensor],
                   seed: Optional[Tensor], p_drop: float, need_dq: bool, need_dk: bool, legacy: bool,
                   dout: Optional[Tensor], out: Optional[Tensor], y: Optional[Tensor],
-                  lse_c: Optional[Tensor], dq_far: Optional[Tensor]) -> List[Tensor]:
-    combine = (dout, out, y, lse_c, dq_far) if dout is not None else None
+                  lse_c: Optional[Tensor]) -> List[Tensor]:
+    combine = (dout, out, y, lse_c) if dout is not None else None
     dq, dk = _d.dispatch_backward(dz, q, k, z, lse, mask, make_drop(seed, p_drop), need_dq, need_dk, legacy, combine)
     return [_opt(dq, q), _opt(dk, z)]
 
 
 dispatch_bwd = _op("dispatch_bwd", _d._dispatch_bwd_kernel, _d._dispatch_bwd_dq_kernel,
-                   _d._dispatch_bwd_dk_kernel)(_dispatch_bwd)
+                   _d._dispatch_bwd_dk_kernel, _c._combine_bwd_dq_kernel, _c._combine_bwd_dkdy_kernel)(_dispatch_bwd)
 
 
 @dispatch_bwd.register_fake
-def _(dz, q, k, z, lse, mask, seed, p_drop, need_dq, need_dk, legacy, dout, out, y, lse_c, dq_far):
+def _(dz, q, k, z, lse, mask, seed, p_drop, need_dq, need_dk, legacy, dout, out, y, lse_c):
     return [q.new_empty(q.shape if need_dq else (0,)), z.new_empty(k.shape if need_dk else (0,))]
 
 
 def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq, need_dk, legacy=False, combine=None):
-    """``combine``: (dO, out, Y, LSE_c) of the combine forward and the far
-    patches' dq (or None), whose part the fused kernel then adds
-    (``dispatch.routing_bwd_fused_ok``)."""
+    """``combine``: (dO, out, Y, LSE_c) of the combine forward, whose dq and dK
+    are then added (``dispatch.routing_bwd_fused_ok``)."""
     dq, dk = _call(dispatch_bwd, _dispatch_bwd, dz, q, k, z, lse, mask, *drop_args(drop, q), need_dq, need_dk,
-                   legacy, *(combine if combine is not None else (None,) * 5))
+                   legacy, *(combine if combine is not None else (None,) * 4))
     return (dq if need_dq else None), (dk if need_dk else None)
 
 

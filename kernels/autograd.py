@@ -122,9 +122,9 @@ class RoutingFunction(torch.autograd.Function):
     P; no gradient) from q, K and the experts' parameters. Its backward runs
     combine's dY kernel, the experts backward, then one kernel for the dq and
     dK of dispatch and combine together: two exponential passes over the
-    logits instead of three, and no sum of two dq. (Between them, combine's
-    dq and dK kernels for the far patches only, whose programs find none in
-    all but extreme logits: ``_launch.RESCALE_MAX_LOG2``.) Saves what the four
+    logits instead of three, and no sum of two dq (``dispatch.dispatch_backward``
+    with ``combine``, which also runs combine's kernels for the far patches,
+    none in all but extreme logits: ``_launch.RESCALE_MAX_LOG2``). Saves what the four
     Functions of the chain would (no N*H*P tensor), plus Y's dropout mask (B, P, D)."""
 
     @staticmethod
@@ -158,13 +158,8 @@ class RoutingFunction(torch.autograd.Function):
                                            need_dz=need_dq or need_dk)
         dq = dk = None
         if need_dq or need_dk:
-            # the far patches (a logit spread beyond the rescale's bound; usually none) from their own
-            # exponentials: their dq for the fused kernel to add, their dK here
-            dq_far, dk_far, _ = _ops.combine_backward(dout, q, k, y, out, lse_c, mask, drop, need_dq, need_dk, False,
-                                                      False, lse_d)
             dq, dk = _ops.dispatch_backward(dz, q, k, z, lse_d, mask, drop, need_dq, need_dk, False,
-                                            (dout, out, y, lse_c, dq_far))
-            dk = dk + dk_far if need_dk else None
+                                            (dout, out, y, lse_c))
         return dq, dk, None, None, None, None, *(g if need else None for g, need in zip(dlora, need_lora))
 
 

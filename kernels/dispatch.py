@@ -50,9 +50,10 @@ import triton
 import triton.language as tl
 
 from . import _launch
+from . import combine as _combine
 from ._launch import LOG2E as LOG2E_
 from ._launch import (TL_TO_TORCH, Ladder, acc_dtype, block, candidates, cap, check_device, choose, dot_consts,
-                      dot_dtype, finite_max, launch, mask_arg, on_device, slot_block, split_n)
+                      dot_dtype, finite_max, launch, mask_arg, on_device, slot_block, spill_free, split_n)
 from ._slot_dropout import fast_rng, kernel_p_drop, load_seed, seed_tensor, slot_keep_np, slot_keep_pn
 from ._tiles import dot_rows, exp_minus, load_tile, mm, mma
 
@@ -634,11 +635,13 @@ def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq: bool, need_dk: bool
     deterministic.
 
     ``combine`` (dO (B, N, D), out (B, N, D), Y (B, P, D), LSE_c (B, N, H), as
-    the combine forward saw and gave them, and the far patches' dq from
-    ``combine.combine_backward(far_of=)``, laid out as dq; only where
-    ``routing_bwd_fused_ok``): dq and dK then also take combine's part (its dY
-    is the combine backward's, run before the experts), from the same
-    exponentials, but for the far patches' dK (the caller adds it)."""
+    the combine forward saw and gave them; only where ``routing_bwd_fused_ok``):
+    dq and dK of dispatch and combine together (combine's dY is not computed
+    here: its backward runs before the experts'). The fused kernel takes
+    combine's part from the same exponentials, and combine's kernels that of
+    the far patches (``combine.combine_backward(far_of=)``); where that kernel
+    would spill registers on this GPU (triton 3.6 at the recommended size),
+    combine's dq and dK kernels take all of combine's part instead."""
     bsz, n, c = q.shape
     h, p, dh = k.shape
     dz = dz.to(z.dtype).contiguous()
@@ -658,11 +661,25 @@ def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq: bool, need_dk: bool
         metas = dispatch_bwd_metas(p, dh, q.dtype, combine[2].shape[2] // h if combine is not None else 0)
         args = dict(NEED_DQ=need_dq, NEED_DK=need_dk, **dq_args, **_combine_args(combine, lse, operand, z),
                     **{**common, "K": k.to(operand), "DZ": dz.to(operand)})
+        dk_far = None
+        if combine is not None:
+            dout, out, y, lse_c = combine
+            if not spill_free(_dispatch_bwd_kernel, q.device, {**args, "DK_PART": z, "n_per_split": 64}, metas):
+                dq_d, dk_d = dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq, need_dk)
+                dq_c, dk_c, _ = _combine.combine_backward(dout, q, k, y, out, lse_c, mask, drop, need_dq, need_dk,
+                                                          False)
+                return (dq_d + dq_c if need_dq else None), (dk_d + dk_c if need_dk else None)
+            # the far patches (a logit spread beyond the rescale's bound; usually none): their dq rows for
+            # the kernel to add, their dK
+            dq_far, dk_far, _ = _combine.combine_backward(dout, q, k, y, out, lse_c, mask, drop, need_dq, need_dk,
+                                                          False, False, lse)
+            args["DQ_FAR"] = dq_far if need_dq else q
         meta, resident = choose(_dispatch_bwd_kernel, q.device, {**args, "DK_PART": z, "n_per_split": 64}, metas)
         n_splits, n_per_split = split_n(n, meta["BLOCK_N"], bsz * h, resident)
         dk_part = torch.empty(bsz, h, n_splits, p, dh, device=q.device, dtype=z.dtype) if need_dk else z
         launch(_dispatch_bwd_kernel, (n_splits, bsz * h), DK_PART=dk_part, n_per_split=n_per_split, **args, **meta)
-        return dq, dk_part.sum(dim=(0, 2)) if need_dk else None  # (H, P, dh)
+        dk = dk_part.sum(dim=(0, 2)) if need_dk else None  # (H, P, dh)
+        return dq, dk if dk_far is None else dk + dk_far
     dk = None
     if need_dq:
         args = dict(**dq_args, **common)
@@ -680,22 +697,40 @@ def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq: bool, need_dk: bool
     return dq, dk
 
 
+def routing_bwd_spill_free(q: torch.Tensor, k: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the fused routing backward's kernel (every flag on but the mask and
+    slot dropout) compiles without spills on q's GPU (True without one), for the
+    benchmarks' notes; ``dispatch_backward`` checks each launch's own variant."""
+    if q.device.type != "cuda" or not torch.cuda.is_available():
+        return True
+    h, p, dh = k.shape
+    operand, acc = TL_TO_TORCH[dot_dtype(dtype)], acc_dtype(dtype)
+    stand = {t: torch.empty(0, device=q.device, dtype=t) for t in (dtype, operand, acc)}  # choose reads dtypes
+    args = dict(NEED_DQ=True, NEED_DK=True, DQ=stand[dtype], stride_dqb=0, stride_dqn=0, DK_PART=stand[acc],
+                n_per_split=64, Q=stand[dtype], K=stand[operand], DZ=stand[operand], LSE=stand[acc],
+                DELTA=stand[acc], N=q.shape[1], P=p, H=h, stride_qb=0, stride_qn=0, DH=dh,
+                **_common_args(stand[dtype], None, None, False),
+                **_combine_args((stand[dtype], stand[dtype], y, stand[acc]),
+                                torch.zeros(y.shape[0], h, p, device=q.device), operand, stand[acc]))
+    return spill_free(_dispatch_bwd_kernel, q.device, args, dispatch_bwd_metas(p, dh, dtype, y.shape[2] // h))
+
+
 def _combine_args(combine, lse: torch.Tensor, operand: torch.dtype, stand_in: torch.Tensor) -> dict:
     """The fused kernel's combine arguments: dO and out (contiguous, in q's
-    dtype), LSE_c, the far patches' dq from ``combine.combine_backward(far_of=)``,
-    per (b, h) the largest finite LSE_d g (B, H, 1) (``finite_max``), beta =
-    exp(LSE_d - g) (B, H, P), 0 for unreached slots (LSE_d = +inf), and beta Y
-    (B, H, P, do) in the dot dtype: P * D values. Without ``combine``, an input
-    stands in for each (never read)."""
+    dtype), LSE_c, per (b, h) the largest finite LSE_d g (B, H, 1)
+    (``finite_max``), beta = exp(LSE_d - g) (B, H, P), 0 for unreached slots
+    (LSE_d = +inf), and beta Y (B, H, P, do) in the dot dtype: P * D values;
+    the far patches' dq (DQ_FAR) is the launcher's to set. Without
+    ``combine``, an input stands in for each (never read)."""
     bound = dict(RESCALE_MAX_LOG2=_launch.RESCALE_MAX_LOG2)
     if combine is None:
         return dict(COMBINE=False, DO=1, DOUT=stand_in, OUT=stand_in, YB=stand_in, LSE_C=stand_in, DQ_FAR=stand_in,
                     BETA=stand_in, GMAX=stand_in, **bound)
-    dout, out, y, lse_c, dq_far = combine
+    dout, out, y, lse_c = combine
     bsz, h, p = lse.shape
     do = y.shape[2] // h
     gmax = finite_max(lse)
     beta = torch.where(torch.isfinite(lse), torch.exp(lse - gmax), 0.0)  # (B, H, P)
     beta_y = (beta[..., None] * y.view(bsz, p, h, do).transpose(1, 2)).to(operand).contiguous()  # (B, H, P, do)
     return dict(COMBINE=True, DO=do, DOUT=dout.to(out.dtype).contiguous(), OUT=out.contiguous(), YB=beta_y,
-                LSE_C=lse_c, DQ_FAR=dq_far if dq_far is not None else stand_in, BETA=beta, GMAX=gmax, **bound)
+                LSE_C=lse_c, DQ_FAR=stand_in, BETA=beta, GMAX=gmax, **bound)

@@ -299,6 +299,27 @@ def test_keep_slots_false_backward_launches(monkeypatch, dtype, legacy):
     assert_close(got, reference_grads(ref, x, dout), **tol)
 
 
+@pytest.mark.parametrize("spills", [False, True], ids=["fused", "spills"])
+def test_fused_routing_backward_falls_back_where_its_kernel_spills(monkeypatch, spills):
+    # where the fused kernel with combine's part would spill registers on the GPU (triton
+    # 3.6 at the recommended size), combine's dq and dK kernels take all of combine's
+    # part; else they take only the far patches'
+    if spills:
+        monkeypatch.setattr(dispatch_mod, "spill_free", lambda kernel, *args: kernel is not dispatch_mod._dispatch_bwd_kernel)
+    calls = []
+    real = combine_mod.combine_backward
+    monkeypatch.setattr(combine_mod, "combine_backward",
+                        lambda *a: calls.append((a[8:11], len(a) > 12 and a[12] is not None)) or real(*a))
+    ref = make_layer("small", seed=45, keep_slots=False)
+    layer = copy.deepcopy(ref).to(DEVICE)
+    layer.backend = "triton"
+    x, dout = random_batch(ref, 2, 30, seed=46)
+    got = layer_grads(layer, x, dout)
+    dq_dk = ((True, True, False), not spills)  # all of combine's dq and dK, or the far patches' only
+    assert calls == [((False, False, True), False), dq_dk]  # dY (before the experts), then dq and dK
+    assert_close(got, reference_grads(ref, x, dout), out_tol=1e-12, grad_tol=1e-10)
+
+
 def test_masked_batch_equals_unpadded_bags_alone():
     ref = make_layer("odd", seed=15, keep_slots=False)
     layer = triton_layer(ref)
