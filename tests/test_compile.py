@@ -55,9 +55,11 @@ def test_inference_path_has_no_graph_breaks():
         torch.testing.assert_close(compiled(x, mask=m), layer(x, mask=m))
 
 
-@pytest.mark.parametrize("keep_slots", [True, False], ids=["slots", "tokens"])
-def test_compiled_layer_matches_eager_forward_and_backward(keep_slots):
-    layer, x, m = small_inputs(mask=True)
+@pytest.mark.parametrize("keep_slots, dtype", [(True, torch.float32), (False, torch.float32), (False, torch.float64)],
+                         ids=["slots", "tokens", "tokens-fused-routing"])
+def test_compiled_layer_matches_eager_forward_and_backward(keep_slots, dtype):
+    # fp64 with keep_slots=False: the fused routing backward's Function (as bf16 on a GPU)
+    layer, x, m = small_inputs(dtype, mask=True)
     layer.keep_slots = keep_slots
     prms = [x.requires_grad_(), layer.wq.weight, layer.slot_embeds, layer.expert_heads.lora_layers.expert_weights]
     ref = layer(x, mask=m)

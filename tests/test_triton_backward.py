@@ -318,6 +318,8 @@ def test_fused_routing_backward_falls_back_where_its_kernel_spills(monkeypatch, 
     dq_dk = ((True, True, False), not spills)  # all of combine's dq and dK, or the far patches' only
     assert calls == [((False, False, True), False), dq_dk]  # dY (before the experts), then dq and dK
     assert_close(got, reference_grads(ref, x, dout), out_tol=1e-12, grad_tol=1e-10)
+    again = layer_grads(layer, x, dout)[1]  # partial sums, no atomics: bitwise deterministic
+    assert all(torch.equal(again[name], got[1][name]) for name in again)
 
 
 def test_masked_batch_equals_unpadded_bags_alone():
