@@ -365,7 +365,7 @@ def _combine_rows(DOUT, OUT, LSE_C, gmax, MASK, b, offs_n, n_end, h, N, H, DO: t
     gap = (gmax - lse_c) * LOG2E  # LSE_c = +inf: -inf, alpha 0
     near = keep & (gap <= RESCALE_MAX_LOG2)
     alpha = tl.where(near, tl.exp2(tl.minimum(gap, RESCALE_MAX_LOG2)), 0.0)  # no inf computed for far patches
-    return (dout * alpha[:, None]).to(DOT_DTYPE), alpha * delta_c, keep & ~near
+    return (dout * alpha[:, None]).to(DOT_DTYPE), alpha * delta_c, keep & (gap > RESCALE_MAX_LOG2)  # as _far_rows
 
 
 @triton.jit
