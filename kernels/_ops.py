@@ -252,9 +252,9 @@ def combine_forward(q, k, y, mask, out_dtype, drop=None, legacy=False):
 
 def _combine_bwd(dout: Tensor, q: Tensor, k: Tensor, y: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
                  seed: Optional[Tensor], p_drop: float, need_dq: bool, need_dk: bool,
-                 need_dy: bool, legacy: bool, far_of: Optional[Tensor]) -> List[Tensor]:
+                 need_dy: bool, legacy: bool) -> List[Tensor]:
     dq, dk, dy = _c.combine_backward(dout, q, k, y, out, lse, mask, make_drop(seed, p_drop),
-                                     need_dq, need_dk, need_dy, legacy, far_of)
+                                     need_dq, need_dk, need_dy, legacy)
     acc = acc_dtype(q.dtype)
     return [_opt(dq, q), _opt(dk, q, acc), _opt(dy, q, acc)]
 
@@ -263,18 +263,15 @@ combine_bwd = _op("combine_bwd", _c._combine_bwd_dq_kernel, _c._combine_bwd_dkdy
 
 
 @combine_bwd.register_fake
-def _(dout, q, k, y, out, lse, mask, seed, p_drop, need_dq, need_dk, need_dy, legacy, far_of):
+def _(dout, q, k, y, out, lse, mask, seed, p_drop, need_dq, need_dk, need_dy, legacy):
     acc = acc_dtype(q.dtype)
-    need_dy = need_dy and far_of is None
     return [q.new_empty(q.shape if need_dq else (0,)), q.new_empty(k.shape if need_dk else (0,), dtype=acc),
             q.new_empty(y.shape if need_dy else (0,), dtype=acc)]
 
 
-def combine_backward(dout, q, k, y, out, lse, mask, drop, need_dq, need_dk, need_dy, legacy=False, far_of=None):
-    """``far_of``: the dispatch LSE; then the far patches' part only (``combine.combine_backward``), no dY."""
+def combine_backward(dout, q, k, y, out, lse, mask, drop, need_dq, need_dk, need_dy, legacy=False):
     dq, dk, dy = _call(combine_bwd, _combine_bwd, dout, q, k, y, out, lse, mask, *drop_args(drop, q),
-                       need_dq, need_dk, need_dy, legacy, far_of)
-    need_dy = need_dy and far_of is None
+                       need_dq, need_dk, need_dy, legacy)
     return (dq if need_dq else None), (dk if need_dk else None), (dy if need_dy else None)
 
 

@@ -202,17 +202,15 @@ def op_samples():
             yield "experts_bwd", (torch.randn_like(y), z, *lora, v, inv, True, True)
         out, lse_c = _ops.combine_fwd(q, k, y, mask, torch.float32, *drop, legacy)
         yield "combine_fwd", (q, k, y, mask, torch.float32, *drop, legacy)
-        yield "combine_bwd", (torch.randn_like(out), q, k, y, out, lse_c, mask, *drop, True, True, False, legacy, None)
-    # keep_slots=False in the default plan: the far patches' combine backward, and the fused routing
-    # backward (fp64 here, bf16 on a GPU; routing_bwd_fused_ok)
+        yield "combine_bwd", (torch.randn_like(out), q, k, y, out, lse_c, mask, *drop, True, True, False, legacy)
+    # keep_slots=False in the default plan: the fused routing backward (fp64 here, bf16 on a GPU;
+    # routing_bwd_fused_ok), which also runs combine's kernels for the far patches
     q64, k64, lora64 = q.double(), k.double(), [t.double() for t in lora]
     z64, lse64 = _ops.dispatch_fwd(q64, k64, m, None, 0.0, False)
     y64 = _ops.experts_fwd(z64, *lora64)[0]
     out64, lse_c64 = _ops.combine_fwd(q64, k64, y64, m, torch.float64, None, 0.0, False)
-    far = (torch.randn_like(out64), q64, k64, y64, out64, lse_c64, m, None, 0.0, True, True, False, False, lse64)
-    yield "combine_bwd", far
     yield "dispatch_bwd", (torch.randn_like(z64), q64, k64, z64, lse64, m, None, 0.0, True, True, False,
-                           far[0], out64, y64, lse_c64)
+                           torch.randn_like(out64), out64, y64, lse_c64)
 
 
 def test_opcheck_every_op():
