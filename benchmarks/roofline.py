@@ -510,7 +510,8 @@ GEMM and nn.Linear's dx GEMM are left out of both sides.
   {_us(legacy_disp.floor(m, tile=True))} µs). Combine's dY kernel uses {cm['BLOCK_P']}-slot tiles.
 - **query is memory-bound** in bf16 (the ridge is {m.tensor_flops / m.bytes_per_s:.0f} FLOP/byte): it reads feats
   ({n * sz.din * 2 / 1e6:.1f} MB) and writes q and y: {q.bytes / 1e6:.1f} MB, floor {_us(q.floor(m))} µs. Its backward
-  (norm backward with db's partials, dW GEMM) costs {_us(kbt['query norm bwd'].floor(m) + kbt['query dW GEMM'].floor(m))} µs.
+  (norm backward with db's partials, dW GEMM) costs
+  {_us(kbt['query norm bwd'].floor(m) + kbt['query dW GEMM'].floor(m))} µs.
 - **experts** work on P = {sz.p} slot vectors, independent of N: floors {_us(kbt['experts fwd'].floor(m))} µs forward and
   {_us(kbt['experts bwd'].floor(m))} µs backward, so their time is launch overhead.
 - **Totals, bf16**: keep_slots=True, forward {_us(tb_t['mammoth_fwd'])} µs ({tb_t['mammoth_fwd'] / tb_t['linear_fwd']:.2f}x

@@ -199,7 +199,8 @@ def _dispatch_bwd_fused_args(sz: Sizes, HAS_MASK: bool, HAS_DROP: bool, NEED_DQ:
     common = {**_dispatch_common(sz, HAS_MASK, HAS_DROP), "K": _operand(sz)}
     return dict(DZ=_operand(sz), LSE=sz.acc, DELTA=sz.acc, DQ=sz.dtype, DK_PART=sz.acc, stride_dqb=sz.n * sz.c,
                 stride_dqn=sz.c, NEED_DQ=NEED_DQ, NEED_DK=NEED_DK, FAST_RNG=FAST_RNG, COMBINE=COMBINE,
-                RESCALE_MAX_LOG2=RESCALE_MAX_LOG2, DO=sz.do, DOUT=sz.dtype, OUT=sz.dtype, YB=_operand(sz), DQ_FAR=sz.dtype,
+                RESCALE_MAX_LOG2=RESCALE_MAX_LOG2, DO=sz.do, DOUT=sz.dtype, OUT=sz.dtype, YB=_operand(sz),
+                DQ_FAR=sz.dtype,
                 LSE_C=sz.acc, BETA=sz.acc, GMAX=sz.acc, **SPLIT, **common)
 
 

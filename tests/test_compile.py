@@ -253,7 +253,8 @@ def test_triton_ops_trace_into_kernel_launches():
     for kernel, arg, _ in report["written"]:
         written.setdefault(kernel, []).append(arg)
     assert {k: sorted(v) for k, v in written.items()} == {
-        "_query_fwd_kernel": sorted(["Q", "MEAN", "RSTD"] * 2 + ["Y"]), "_query_norm_bwd_kernel": ["DB_PART", "DGAMMA_PART", "DY"],
+        "_query_fwd_kernel": sorted(["Q", "MEAN", "RSTD"] * 2 + ["Y"]),
+        "_query_norm_bwd_kernel": ["DB_PART", "DGAMMA_PART", "DY"],
         "_dispatch_partial_kernel": sorted(["M_PART", "L_PART", "ACC_PART"] * 2),
         "_dispatch_merge_kernel": ["LSE", "LSE", "Z", "Z"], "_dispatch_bwd_kernel": ["DK_PART", "DQ"],
         "_experts_proj_kernel": ["V", "V"],

@@ -294,7 +294,8 @@ def test_keep_slots_false_backward_launches(monkeypatch, dtype, legacy):
     assert sorted(calls) == ([("combine_backward", (False, False, True, False)),  # dY
                               ("combine_backward", (True, True, False, False)),  # the far patches' dq, dK
                               ("dispatch_backward", (True, True, False))] if fused else
-                             [("combine_backward", (True, True, True, legacy)), ("dispatch_backward", (True, True, legacy))])
+                             [("combine_backward", (True, True, True, legacy)),
+                              ("dispatch_backward", (True, True, legacy))])
     tol = dict(out_tol=1e-12, grad_tol=1e-10) if dtype == torch.float64 else {}
     assert_close(got, reference_grads(ref, x, dout), **tol)
 
@@ -305,7 +306,8 @@ def test_fused_routing_backward_falls_back_where_its_kernel_spills(monkeypatch, 
     # 3.6 at the recommended size), combine's dq and dK kernels take all of combine's
     # part; else they take only the far patches'
     if spills:
-        monkeypatch.setattr(dispatch_mod, "spill_free", lambda kernel, *args: kernel is not dispatch_mod._dispatch_bwd_kernel)
+        monkeypatch.setattr(dispatch_mod, "spill_free",
+                            lambda kernel, *args: kernel is not dispatch_mod._dispatch_bwd_kernel)
     calls = []
     real = combine_mod.combine_backward
     monkeypatch.setattr(combine_mod, "combine_backward",
