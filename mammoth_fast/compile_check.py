@@ -535,13 +535,28 @@ def _check(jobs: tuple, cases: list, fn: JITFunction) -> dict:
     return row
 
 
-def _flag_combos(kernel: Kernel, sz: Sizes, hardest: bool, legacy: bool):
+HARDEST_ONLY_IN_TESTS = {"_dispatch_bwd_kernel": "COMBINE", "_combine_bwd_dq_kernel": "FAR",
+                         "_combine_bwd_dkdy_kernel": "FAR"}
+"""kernel -> a flag whose variants (keep_slots=False's fused routing backward and its
+far patches) the tests' check compiles in the hardest of them only, at the
+recommended size too (the command compiles every one)."""
+
+
+def _hardest(combos: list) -> dict:
+    return max(combos, key=lambda flags: sum(map(bool, flags.values())))
+
+
+def _flag_combos(kernel: Kernel, sz: Sizes, hardest: bool, legacy: bool, tests: bool = False):
     """The flag combinations a launcher passes at this size in this plan
-    (``hardest``: the one with every flag on that it passes, or the closest to it)."""
+    (``hardest``: the one with every flag on that it passes, or the closest to it;
+    ``tests``: those of HARDEST_ONLY_IN_TESTS's flag cut to their hardest)."""
     combos = [dict(zip(kernel.flags, values)) for values in itertools.product(*kernel.flags.values())]
     combos = [flags for flags in combos if kernel.launched(sz, legacy, **flags)]
     if hardest and combos:
-        return [max(combos, key=lambda flags: sum(map(bool, flags.values())))]
+        return [_hardest(combos)]
+    key = HARDEST_ONLY_IN_TESTS.get(kernel.name) if tests else None
+    if key and any(flags[key] for flags in combos):
+        return [flags for flags in combos if not flags[key]] + [_hardest([f for f in combos if f[key]])]
     return combos
 
 
@@ -557,7 +572,7 @@ def _workers() -> int:
 def plan(sizes=SIZE_MATRIX, hardest: bool = False, hardest_beyond_recommended: bool = False) -> list:
     """[(Sizes, hardest)] to check: every size in fp32 and bf16, fp64 at
     FP64_SIZES; ``hardest_beyond_recommended`` (what the tests run): all
-    fp32 and bf16 variants at the recommended size, fp64 there only and in its
+    fp32 and bf16 variants at the recommended size (but HARDEST_ONLY_IN_TESTS), fp64 there only and in its
     hardest variants, the hardest elsewhere (and the legacy kernel plan only at
     the recommended size, in its hardest variants: ``run_checks``)."""
     out = []
@@ -594,7 +609,7 @@ def run_checks(workers: int | None = None, sizes=SIZE_MATRIX, hardest: bool = Fa
                     continue  # the tests' check: the legacy plan (the kernels checked before it) at the recommended size
                 metas = kernel.metas(sz, legacy)
                 hardest_here = only_hardest or (legacy and hardest_beyond_recommended)  # ... in its hardest variants
-                for flags in _flag_combos(kernel, sz, hardest_here, legacy):
+                for flags in _flag_combos(kernel, sz, hardest_here, legacy, hardest_beyond_recommended):
                     args = kernel.args(sz, **flags)
                     unit = tuple(_job(kernel, fn, {**args, **meta}) for meta in metas)
                     cases = jobs.setdefault(unit, [])

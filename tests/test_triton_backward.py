@@ -342,14 +342,14 @@ def test_grads_are_bitwise_deterministic():
     ref = make_layer("odd", seed=17, keep_slots=False)
     layer = triton_layer(ref)
     x, dout = random_batch(ref, 2, 260, seed=18)  # 2 n-chunks (5 + 4 tiles) in the dK / dY reductions
-    first, second = layer_grads(layer, x, dout)[1], layer_grads(layer, x, dout)[1]
-    torch.use_deterministic_algorithms(True)
+    first = layer_grads(layer, x, dout)[1]
+    torch.use_deterministic_algorithms(True)  # a second run, which also must not raise there
     try:
-        third = layer_grads(layer, x, dout)[1]
+        second = layer_grads(layer, x, dout)[1]
     finally:
         torch.use_deterministic_algorithms(False)
     for name in first:
-        assert torch.equal(first[name], second[name]) and torch.equal(first[name], third[name]), name
+        assert torch.equal(first[name], second[name]), name
 
 
 # ------------------------------------------------------------------ what is computed
