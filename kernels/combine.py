@@ -25,7 +25,7 @@ all P slots, P x (dh + do) accumulators: at the recommended sizes it spilled
 on sm_90a at every tile size and warp count tried.) Where the fused routing
 backward runs (keep_slots=False in bf16, ``dispatch.routing_bwd_fused_ok``),
 combine's dq and dK come from dispatch's backward kernel instead, and these
-kernels give dY alone, and (``far_of``) the dq and dK of the far patches the
+kernels give dY alone, and (``far_gmax``) the dq and dK of the far patches the
 rescale of that kernel cannot reach (``_far_rows``; with realistic logits
 none, and their programs only read the LSE).
 The forward's weights are exp2 of one FMA per logit (``_tiles.exp_minus``)
@@ -46,8 +46,8 @@ import triton.language as tl
 
 from . import _launch
 from ._launch import LOG2E as LOG2E_
-from ._launch import (Ladder, acc_dtype, block, candidates, cap, check_device, choose, dot_consts,
-                      finite_max, launch, mask_arg, on_device, slot_block, split_n)
+from ._launch import (Ladder, acc_dtype, block, candidates, cap, check_device, choose, dot_consts, launch,
+                      mask_arg, on_device, slot_block, split_n)
 from ._slot_dropout import fast_rng, kernel_p_drop, load_seed, seed_tensor, slot_keep_np, slot_keep_pn
 from ._tiles import dot_rows, exp_minus, load_tile, mm, mma
 
@@ -441,25 +441,25 @@ def combine_forward(q: torch.Tensor, k: torch.Tensor, y: torch.Tensor, mask: tor
 
 @on_device
 def combine_backward(dout, q, k, y, out, lse, mask, drop, need_dq: bool, need_dk: bool, need_dy: bool,
-                     legacy: bool = False, far_of: torch.Tensor | None = None):
+                     legacy: bool = False, far_gmax: torch.Tensor | None = None):
     """dO (B, N, D) -> dq (B, N, C) in q's dtype, dK (H, P, dh) and dY (B, P, D)
     in the accumulator dtype; None where not needed. dK and dY are reduced
     over n-chunks (and bags, for dK) from per-program partials: deterministic.
     ``legacy`` picks the slot-dropout generator of the forward's plan.
 
-    ``far_of``, the dispatch LSE (B, H, P): the far patches' part only, which
-    the fused routing backward leaves out (``_far_rows``): dq in their rows
-    (others unwritten; the fused kernel adds these rows to its dq) and their
-    dK; no dY. Programs and tiles without a far patch do nothing."""
+    ``far_gmax``, g (B, H, 1) of the dispatch LSE (``_launch.finite_max``): the
+    far patches' part only, which the fused routing backward leaves out
+    (``_far_rows``): dq in their rows (others unwritten; the fused kernel adds
+    these rows to its dq) and their dK; no dY. Programs and tiles without a far patch do nothing."""
     bsz, n, c = q.shape
     h, p, dh = k.shape
     d = y.shape[2]
     do = d // h
     dout = dout.contiguous()
-    far = far_of is not None
+    far = far_gmax is not None
     common = dict(Q=q, K=k, Y=y, DOUT=dout, LSE=lse, N=n, P=p, H=h, stride_qb=q.stride(0), stride_qn=q.stride(1),
                   DH=dh, DO=do, FAR=far, RESCALE_MAX_LOG2=_launch.RESCALE_MAX_LOG2,
-                  GMAX=finite_max(far_of) if far else lse, **_common_args(q, mask, drop, legacy))
+                  GMAX=far_gmax if far else lse, **_common_args(q, mask, drop, legacy))
     acc = dict(device=q.device, dtype=acc_dtype(q.dtype))
     dq = dk = dy = None
     delta = torch.empty(bsz, n, h, **acc) if need_dq or need_dk else lse  # delta_c: N * H values (lse stands in)

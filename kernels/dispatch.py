@@ -350,7 +350,7 @@ def _combine_rows(DOUT, OUT, LSE_C, gmax, MASK, b, offs_n, n_end, h, N, H, DO: t
     (below 2**-126) stands for a Cw below 2**(RESCALE_MAX_LOG2 - 126). Other
     patches (a logit spread beyond that bound), padded ones (their dO counts as
     0: their output is the constant 0) and those whose every slot is dropped
-    (LSE_c = +inf) get alpha = 0 here; ``combine.combine_backward(far_of=)``
+    (LSE_c = +inf) get alpha = 0 here; ``combine.combine_backward(far_gmax=)``
     computes the far patches' part from their own exponentials, and the kernel
     adds their dq."""
     offs_o = tl.arange(0, BLOCK_O)
@@ -639,7 +639,7 @@ def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq: bool, need_dk: bool
     dq and dK of dispatch and combine together (combine's dY is not computed
     here: its backward runs before the experts'). The fused kernel takes
     combine's part from the same exponentials, and combine's kernels that of
-    the far patches (``combine.combine_backward(far_of=)``); where that kernel
+    the far patches (``combine.combine_backward(far_gmax=)``); where that kernel
     would spill registers on this GPU (triton 3.6 at the recommended size),
     combine's dq and dK kernels take all of combine's part instead."""
     bsz, n, c = q.shape
@@ -672,7 +672,7 @@ def dispatch_backward(dz, q, k, z, lse, mask, drop, need_dq: bool, need_dk: bool
             # the far patches (a logit spread beyond the rescale's bound; usually none): their dq rows for
             # the kernel to add, their dK
             dq_far, dk_far, _ = _combine.combine_backward(dout, q, k, y, out, lse_c, mask, drop, need_dq, need_dk,
-                                                          False, False, lse)
+                                                          False, False, args["GMAX"])
             args["DQ_FAR"] = dq_far if need_dq else q
         meta, resident = choose(_dispatch_bwd_kernel, q.device, {**args, "DK_PART": z, "n_per_split": 64}, metas)
         n_splits, n_per_split = split_n(n, meta["BLOCK_N"], bsz * h, resident)
